@@ -1,0 +1,26 @@
+"""lossless_trainer: a PyTorch trainer where the model owns its loss.
+
+In training mode ``model(batch)`` returns a dict of named scalar losses; the trainer sums
+them, backpropagates and steps. `write_summary` logs from anywhere inside the model.
+"""
+
+from .errors import ModelOutputError, NonFiniteLossError
+from .hooks import Hook
+from .model import Model, WithLoss
+from .summary import is_summary_step, summary_scope, write_summary
+from .trainer import Trainer, TrainState
+
+__all__ = [
+    "Hook",
+    "Model",
+    "ModelOutputError",
+    "NonFiniteLossError",
+    "TrainState",
+    "Trainer",
+    "WithLoss",
+    "is_summary_step",
+    "summary_scope",
+    "write_summary",
+]
+
+__version__ = "0.1.0.dev0"

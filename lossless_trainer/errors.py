@@ -1,0 +1,21 @@
+"""Exceptions raised by lossless_trainer. Each message says what, where and how to fix."""
+
+from __future__ import annotations
+
+__all__ = ["ModelOutputError", "NonFiniteLossError"]
+
+
+class ModelOutputError(ValueError):
+    """The model's training-mode output breaks the contract (a dict of scalar losses)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf.
+
+    Attributes:
+        first_steps: For every loss key that went non-finite, the first step it did.
+    """
+
+    def __init__(self, message: str, first_steps: dict[str, int]) -> None:
+        super().__init__(message)
+        self.first_steps = first_steps

@@ -1,0 +1,273 @@
+"""Hooks: everything the trainer does besides the step hangs here.
+
+A hook observes the trainer at fixed points and may request a stop. It reads the
+trainer's public attributes (`state`, `model`, `optimizer`, `losses`, `last_summary`)
+and does not reach into private ones.
+
+Order of the hook points in `fit`::
+
+    before_train
+      before_epoch                       (every epoch)
+        before_step                      (every step)
+          after_backward                 (inside the step, before the optimizer step)
+        after_step
+      after_epoch                        (only when the data ran out, not on max_steps)
+    after_train                          (always, even after an exception)
+    on_exception(exc)                    (before after_train, when fit raises)
+
+Hooks run in ascending `priority`, then in the order given. `after_train` and
+`on_exception` run for every hook even if one of them fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from .data import batch_size
+from .errors import NonFiniteLossError
+from .summary import SummaryRecord
+from .writers import BackgroundWriter, format_scalars, stdout_is_terminal
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["Hook", "HookList", "LoggingHook", "ProgressHook"]
+
+logger = logging.getLogger("lossless_trainer")
+
+_POINTS = ("before_train", "before_epoch", "before_step", "after_backward", "after_step",
+           "after_epoch")
+
+
+class Hook:
+    """Base class for hooks. Override only the points you need.
+
+    Points a hook does not override cost nothing per step: the trainer calls only the
+    methods that subclasses define.
+
+    Attributes:
+        priority: Lower runs earlier. User hooks default to 50; the built-in logging
+            hook runs at 90, after them, so summaries they write in `after_step` land
+            in the same flush, and the progress display at 95.
+    """
+
+    priority: int = 50
+
+    def before_train(self, trainer: Trainer) -> None:
+        """Called once at the start of `fit`, with summaries active."""
+
+    def before_epoch(self, trainer: Trainer) -> None:
+        """Called before the first batch of every epoch."""
+
+    def before_step(self, trainer: Trainer) -> None:
+        """Called before every step; `trainer.state.step` is the number of steps done."""
+
+    def after_backward(self, trainer: Trainer) -> None:
+        """Called after gradients are computed, before the optimizer uses them."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Called after every optimizer step; `trainer.losses` holds this step's losses."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """Called when an epoch's data is exhausted."""
+
+    def after_train(self, trainer: Trainer) -> None:
+        """Called once when `fit` ends, whether it succeeded or raised."""
+
+    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+        """Called when `fit` is about to raise `exc`, before `after_train`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to save in checkpoints. Plain containers and tensors only."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+class HookList:
+    """The trainer's hooks, sorted, with the overridden methods bound once per point."""
+
+    def __init__(self, hooks: list[Hook]) -> None:
+        for hook in hooks:
+            if not isinstance(hook, Hook):
+                raise TypeError(
+                    f"callbacks must be Hook instances; got {type(hook).__name__}. Subclass "
+                    "lossless_trainer.Hook and override the points you need"
+                )
+        self.hooks = sorted(hooks, key=lambda h: h.priority)
+        self._bound: dict[str, list[Any]] = {
+            point: [getattr(h, point) for h in self.hooks
+                    if getattr(type(h), point) is not getattr(Hook, point)]
+            for point in _POINTS
+        }
+
+    def call(self, point: str, trainer: Trainer) -> None:
+        for method in self._bound[point]:
+            method(trainer)
+
+    def teardown(self, point: str, *args: Any) -> list[BaseException]:
+        """Call `point` on every hook; a failure is logged and does not stop the rest."""
+        errors: list[BaseException] = []
+        for hook in self.hooks:
+            try:
+                getattr(hook, point)(*args)
+            except Exception as exc:
+                logger.error("%s.%s failed", type(hook).__name__, point, exc_info=exc)
+                errors.append(exc)
+        return errors
+
+
+class LoggingHook(Hook):
+    """Feeds the summary sink and flushes it every `log_every` steps.
+
+    Per step it stores the step's losses, detached, in the sink (no device sync). At a
+    flush it adds throughput and learning rates, hands the record to the writers on their
+    background thread, and raises `NonFiniteLossError` if a loss went NaN or Inf.
+    """
+
+    priority = 90
+
+    def __init__(self) -> None:
+        self.writers: BackgroundWriter | None = None
+        self._tags: dict[str, str] = {}
+        self._samples: int | None = 0
+        self._window_start = 0.0
+        self._window_steps = 0
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.writers = trainer.make_writers()
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._samples = 0
+
+    def after_step(self, trainer: Trainer) -> None:
+        sink = trainer.sink
+        tags = self._tags
+        for key, loss in trainer.losses.items():
+            tag = tags.get(key)
+            if tag is None:
+                tag = tags[key] = f"loss/{key}"
+            sink.put_scalar(tag, loss)
+        sink.put_scalar("loss/total", trainer.total_loss)
+        self._window_steps += 1
+        if self._samples is not None:
+            size = batch_size(trainer.batch)
+            self._samples = None if size is None else self._samples + size
+        if sink.writing:
+            self.flush(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        try:
+            if self._window_steps:
+                self.flush(trainer)
+        finally:
+            if self.writers is not None:
+                self.writers.close()
+                self.writers = None
+
+    def flush(self, trainer: Trainer) -> None:
+        record = trainer.sink.flush()
+        elapsed = time.perf_counter() - self._window_start
+        if elapsed > 0 and self._window_steps:
+            record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed
+            if self._samples:
+                record.scalars["perf/samples_per_sec"] = self._samples / elapsed
+        groups = trainer.optimizer.param_groups
+        for i, group in enumerate(groups):
+            name = "lr" if len(groups) == 1 else f"lr/{group.get('name', f'group{i}')}"
+            record.scalars[name] = float(group["lr"])
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._samples = 0 if self._samples is not None else None
+        trainer.last_summary = record
+        if self.writers is not None:
+            self.writers.write(record)
+        _raise_if_nonfinite(record, self._tags)
+
+
+def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> None:
+    bad = {key: record.nonfinite[tag] for key, tag in loss_tags.items()
+           if tag in record.nonfinite}
+    if bad:
+        first = ", ".join(f"{key!r} first at step {step}" for key, step in bad.items())
+        raise NonFiniteLossError(
+            f"non-finite loss (NaN or Inf): {first} (detected at the flush of step "
+            f"{record.step}). Weights updated after that step are suspect. To stop before "
+            "the optimizer steps on a bad loss, use Trainer(finite_check='step'); to find "
+            "the operation, torch.autograd.set_detect_anomaly(True)",
+            bad,
+        )
+
+
+class ProgressHook(Hook):
+    """A tqdm bar on a terminal; plain periodic lines when stdout is not one.
+
+    The bar moves every step; the loss it shows changes at each flush, because reading
+    it sooner would synchronise with the device.
+
+    Args:
+        interval: Minimum seconds between two plain lines (the last one always prints).
+    """
+
+    priority = 95
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._bar: Any = None
+        self._seen: SummaryRecord | None = None
+        self._last_line = 0.0
+        self._start = 0.0
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._start = self._last_line = time.perf_counter()
+        self._seen = None
+        if stdout_is_terminal():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=trainer.total_steps, initial=trainer.state.step,
+                             unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+        record = trainer.last_summary
+        if record is not None and record is not self._seen:
+            self._seen = record
+            self._show(trainer, record, final=False)
+
+    def after_train(self, trainer: Trainer) -> None:
+        record = trainer.last_summary
+        if record is not None:
+            self._show(trainer, record, final=True)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _show(self, trainer: Trainer, record: SummaryRecord, final: bool) -> None:
+        losses = {key: record.scalars[f"loss/{key}"] for key in (*trainer.losses, "total")
+                  if f"loss/{key}" in record.scalars}
+        if self._bar is not None:
+            self._bar.set_postfix_str(format_scalars(losses), refresh=False)
+            return
+        now = time.perf_counter()
+        if not final and now - self._last_line < self.interval:
+            return
+        self._last_line = now
+        total = trainer.total_steps
+        step = f"step {record.step}" + (f"/{total}" if total else "")
+        rate = record.scalars.get("perf/steps_per_sec")
+        extra = f"  {rate:.1f} steps/s" if rate else ""
+        if rate and total and not final:
+            extra += f"  eta {_clock((total - record.step) / rate)}"
+        print(f"[lossless_trainer] {step}  {format_scalars(losses)}{extra}"
+              f"  elapsed {_clock(now - self._start)}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

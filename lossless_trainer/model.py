@@ -1,0 +1,202 @@
+"""The contract: a model that computes its own losses, and the check the trainer applies.
+
+In training mode ``model(batch)`` returns a ``dict[str, Tensor]`` of scalar losses (a bare
+scalar tensor counts as ``{"loss": t}``). In eval mode it returns predictions of any form.
+Any `torch.nn.Module` that honours this works with the Trainer; `Model` only adds
+conveniences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import move_to_device
+from .errors import ModelOutputError
+
+__all__ = ["Model", "WithLoss", "check_losses"]
+
+
+class Model(nn.Module):
+    """Base class for models that own their loss.
+
+    Subclasses implement ``forward(batch)``: return named scalar losses when
+    ``self.training`` is true, and predictions otherwise. The batch arrives whole, exactly
+    as the data yields it (moved to the device); the model decides what is input and
+    what is target.
+
+    Example:
+        >>> class Classifier(Model):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Linear(4, 3)
+        ...     def forward(self, batch):
+        ...         x, y = batch
+        ...         logits = self.net(x)
+        ...         if not self.training:
+        ...             return logits.argmax(-1)
+        ...         return {"ce": nn.functional.cross_entropy(logits, y)}
+    """
+
+    def forward(self, batch: Any) -> Any:
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement forward(batch): return a dict of scalar "
+            "losses in training mode and predictions in eval mode"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter or buffer (CPU for a model with neither)."""
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @torch.inference_mode()
+    def predict(self, batch: Any) -> Any:
+        """Predictions for `batch`: eval mode, no autograd, batch moved to the device.
+
+        The model's previous train/eval mode is restored afterwards.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return self(move_to_device(batch, self.device))
+        finally:
+            self.train(was_training)
+
+
+Selector = Hashable | Callable[[Any], Any] | tuple[Any, ...]
+
+
+class WithLoss(Model):
+    """Adapter: a predictions-only network plus a separate loss function, as a `Model`.
+
+    The separated style is a special case of the model owning its loss: in training mode
+    this returns ``{name: loss_fn(net(inputs), targets)}``, in eval mode ``net(inputs)``.
+
+    Args:
+        net: Maps inputs to predictions.
+        loss_fn: ``loss_fn(predictions, targets)`` returning a scalar tensor, or a dict
+            of them (kept as named losses).
+        inputs: Which part of the batch `net` receives. An index or key (``batch[inputs]``),
+            a callable ``batch -> inputs``, or a tuple of those to pass several positional
+            arguments. Default: ``batch[0]`` for a tuple or list, the batch itself for a
+            tensor.
+        targets: Which part of the batch is the target, selected like `inputs`. Default:
+            ``batch[1]`` for a tuple or list.
+        name: Key of the loss in the returned dict.
+
+    Example:
+        >>> model = WithLoss(nn.Linear(4, 3), nn.CrossEntropyLoss())
+        >>> model = WithLoss(net, loss_fn, inputs="image", targets="label")
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss_fn: Callable[[Any, Any], Any],
+        *,
+        inputs: Selector | None = None,
+        targets: Selector | None = None,
+        name: str = "loss",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss_fn = loss_fn
+        self.inputs = inputs
+        self.targets = targets
+        self.name = name
+
+    def forward(self, batch: Any) -> Any:
+        inputs = _select(batch, self.inputs, 0, "inputs")
+        predictions = self.net(*inputs) if isinstance(self.inputs, tuple) else self.net(inputs)
+        if not self.training:
+            return predictions
+        loss = self.loss_fn(predictions, _select(batch, self.targets, 1, "targets"))
+        return loss if isinstance(loss, dict) else {self.name: loss}
+
+
+def _select(batch: Any, selector: Any, default_index: int, role: str) -> Any:
+    if selector is None:
+        if isinstance(batch, (tuple, list)) and len(batch) > default_index:
+            return batch[default_index]
+        if isinstance(batch, torch.Tensor) and role == "inputs":
+            return batch
+        raise ModelOutputError(
+            f"WithLoss could not find the {role} in a batch of type {type(batch).__name__}: "
+            f"the default expects (inputs, targets) tuples. Pass {role}=<key, index or "
+            "callable> to say where they are"
+        )
+    if isinstance(selector, tuple):
+        return tuple(_select(batch, part, default_index, role) for part in selector)
+    if callable(selector):
+        return selector(batch)
+    try:
+        return batch[selector]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ModelOutputError(
+            f"WithLoss: {role}={selector!r} not found in a batch of type "
+            f"{type(batch).__name__} ({exc!r})"
+        ) from exc
+
+
+def check_losses(output: Any, step: int, where: str = "model") -> dict[str, torch.Tensor]:
+    """Validate a training-mode output and return it as a dict of scalar losses.
+
+    Cheap enough for every step: attribute checks only, no device synchronisation.
+
+    Args:
+        output: What ``model(batch)`` returned.
+        step: The step being run, for the error message.
+        where: How to name the model in errors (its class name).
+
+    Raises:
+        ModelOutputError: naming the loss key, the step and the fix.
+    """
+    if isinstance(output, torch.Tensor):
+        output = {"loss": output}
+    elif not isinstance(output, dict):
+        raise ModelOutputError(
+            f"{where}(batch) returned {type(output).__name__} at step {step} in training mode; "
+            "expected a dict of scalar loss tensors, e.g. {'ce': loss}, or one scalar tensor. "
+            "Predictions belong to eval mode (model.eval())"
+        )
+    if not output:
+        raise ModelOutputError(
+            f"{where}(batch) returned an empty dict at step {step}: there is nothing to train "
+            "on. Return at least one loss; to skip a batch, filter it out of the data"
+        )
+    for key, loss in output.items():
+        if not isinstance(key, str):
+            raise ModelOutputError(
+                f"{where}(batch) returned a loss key {key!r} of type {type(key).__name__} at "
+                f"step {step}; loss names must be strings"
+            )
+        if not isinstance(loss, torch.Tensor):
+            raise ModelOutputError(
+                f"loss {key!r} at step {step} is a {type(loss).__name__}, not a tensor; "
+                "compute losses with torch so they can be backpropagated"
+            )
+        if loss.ndim != 0:
+            raise ModelOutputError(
+                f"loss {key!r} at step {step} has shape {tuple(loss.shape)}; losses must be "
+                "scalars: reduce it with .mean() or .sum()"
+            )
+        if not loss.is_floating_point():
+            raise ModelOutputError(
+                f"loss {key!r} at step {step} has dtype {loss.dtype}; losses must be floating "
+                "point. Counts and other metrics go to write_summary()"
+            )
+        if not loss.requires_grad:
+            raise ModelOutputError(
+                f"loss {key!r} at step {step} does not require grad: it has no path to any "
+                "trainable parameter (computed under no_grad, detached, or from constants). "
+                "To log a value without training on it use write_summary(); to skip an "
+                "optional loss, leave its key out of the dict"
+            )
+    return output

@@ -1,0 +1,333 @@
+"""Summaries written from anywhere in a model, stored lazily, turned into numbers per flush.
+
+`write_summary` finds the active `SummarySink` through a `contextvars.ContextVar`. The
+Trainer activates a sink for the duration of `fit`; outside it the variable holds `None`
+and `write_summary` returns after one lookup, so the same model runs unchanged in plain
+inference code.
+
+Assumptions made here:
+
+* values arrive from the thread (or asyncio task) that runs the training step, or from a
+  context copied from it; a thread started without `contextvars.copy_context()` sees no
+  sink and its summaries are dropped;
+* a scalar is written many times per flush window and read once: it is stored detached on
+  its device and averaged when the window is flushed, with one device-to-host transfer
+  per device for the whole flush;
+* histograms, images and text are costly and only useful at the step that is written, so
+  they are recorded on summary steps only (see `is_summary_step`) and the last value of a
+  window wins.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SummaryRecord",
+    "SummarySink",
+    "is_summary_step",
+    "summary_scope",
+    "write_summary",
+]
+
+KINDS = ("scalar", "histogram", "image", "text")
+
+_SINK: ContextVar[SummarySink | None] = ContextVar("lossless_trainer_sink", default=None)
+_PREFIX: ContextVar[str] = ContextVar("lossless_trainer_prefix", default="")
+
+# Pending tensor scalars of one tag are folded into a running sum once this many are
+# queued, so memory stays bounded whatever `log_every` is.
+_FOLD_AT = 256
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def write_summary(name: str, value: Any, kind: str | None = None) -> None:
+    """Log a value to the active training run; do nothing outside one.
+
+    Callable from any depth of the call stack (a sub-module's `forward`, a helper loss
+    function). No reference to the trainer is needed.
+
+    Args:
+        name: Tag, prefixed by the enclosing `summary_scope`s (``"rpn/num_pos"``).
+        value: A Python number or one-element tensor (scalar), a tensor (histogram), a
+            CHW/HWC tensor (image), or a string (text).
+        kind: ``"scalar"``, ``"histogram"``, ``"image"`` or ``"text"``. When omitted it is
+            inferred: numbers and one-element tensors are scalars, strings are text,
+            3-d tensors whose first or last dimension is 1, 3 or 4 are images, and any
+            other tensor is a histogram. Pass it explicitly to override, for example
+            ``kind="image"`` for a 2-d grayscale or 4-d NCHW batch.
+
+    Scalars are averaged over the steps since the last flush. The other kinds are kept
+    only on summary steps; guard costly ones with `is_summary_step()`.
+    """
+    sink = _SINK.get()
+    if sink is None:
+        return
+    prefix = _PREFIX.get()
+    sink.put(prefix + name if prefix else name, value, kind)
+
+
+def is_summary_step() -> bool:
+    """Whether summaries written now will reach the writers at this step.
+
+    Cheap enough to call every step. Use it to skip building costly summaries
+    (histograms, images) between flushes. False outside a training run.
+    """
+    sink = _SINK.get()
+    return sink is not None and sink.writing
+
+
+@contextmanager
+def summary_scope(name: str) -> Iterator[None]:
+    """Prefix the tags of every `write_summary` call inside the block with ``name/``.
+
+    Scopes nest (``rpn/`` inside ``detector/`` gives ``detector/rpn/``), and the prefix is
+    restored even when an exception passes through. Also usable as a decorator.
+    """
+    name = name.strip("/")
+    if not name:
+        raise ValueError("summary_scope() needs a non-empty name")
+    token = _PREFIX.set(f"{_PREFIX.get()}{name}/")
+    try:
+        yield
+    finally:
+        _PREFIX.reset(token)
+
+
+@dataclass
+class SummaryRecord:
+    """What one flush hands to the writers: plain Python values and CPU tensors.
+
+    Attributes:
+        step: The step the window is written at.
+        scalars: Mean of each scalar tag over the window.
+        nonfinite: For each tag that received a NaN or Inf in the window, the first step
+            that did.
+        others: ``(kind, tag, value, step)`` for histograms, images and text. Images carry
+            ``(tensor, dataformats)`` as their value.
+    """
+
+    step: int
+    scalars: dict[str, float] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    others: list[tuple[str, str, Any, int]] = field(default_factory=list)
+
+
+class _ScalarWindow:
+    """Pending values of one scalar tag since the last flush."""
+
+    __slots__ = ("values", "steps", "offset", "total", "first_bad", "py_sum", "py_count",
+                 "py_first_bad")
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.steps: list[int] = []  # step of every tensor value, to name a non-finite one
+        self.offset = 0  # values already folded into `total`
+        self.total: torch.Tensor | None = None
+        self.first_bad: torch.Tensor | None = None  # index into `steps`, inf if none
+        self.py_sum = 0.0
+        self.py_count = 0
+        self.py_first_bad: int | None = None
+
+    def add_number(self, value: float, step: int) -> None:
+        self.py_sum += value
+        self.py_count += 1
+        if self.py_first_bad is None and not math.isfinite(value):
+            self.py_first_bad = step
+
+    def fold(self) -> None:
+        """Reduce queued tensors to a sum and a first-non-finite index, on their device."""
+        n = len(self.values)
+        chunk = torch.stack(self.values).float()
+        index = torch.arange(self.offset, self.offset + n, device=chunk.device,
+                             dtype=torch.float32)
+        first_bad = torch.where(torch.isfinite(chunk), math.inf, index).min()
+        total = chunk.sum()
+        if self.total is None:
+            self.total, self.first_bad = total, first_bad
+        else:
+            self.total = self.total + total
+            self.first_bad = torch.minimum(self.first_bad, first_bad)
+        self.offset += n
+        self.values.clear()
+
+
+class SummarySink:
+    """Collects summaries between flushes. One sink per training run.
+
+    The trainer (the only owner) calls `begin_step` before each step, `flush` when a
+    window ends, and `activate` around the run so `write_summary` can find the sink.
+    Extension point: subclasses may override `flush` to reduce across processes.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.writing = False
+        self._scalars: dict[str, _ScalarWindow] = {}
+        self._others: dict[str, tuple[str, str, Any, int]] = {}
+
+    @contextmanager
+    def activate(self) -> Iterator[SummarySink]:
+        """Make this the sink `write_summary` reaches, for the duration of the block."""
+        token = _SINK.set(self)
+        try:
+            yield self
+        finally:
+            _SINK.reset(token)
+
+    def begin_step(self, step: int, writing: bool) -> None:
+        """Tag what follows with `step`; `writing` says whether this step is flushed."""
+        self.step = step
+        self.writing = writing
+
+    def put_scalar(self, tag: str, value: torch.Tensor) -> None:
+        """Fast path for a one-element tensor the caller has already validated."""
+        window = self._scalars.get(tag)
+        if window is None:
+            window = self._scalars[tag] = _ScalarWindow()
+        window.values.append(value.detach())
+        window.steps.append(self.step)
+        if len(window.values) >= _FOLD_AT:
+            window.fold()
+
+    def put(self, tag: str, value: Any, kind: str | None = None) -> None:
+        """Store `value` under `tag`, inferring its kind when not given."""
+        if type(value) is float or type(value) is int:  # the common case, checked first
+            self._number(tag, value)
+            return
+        if kind is None:
+            kind = _infer_kind(tag, value)
+        elif kind not in KINDS:
+            raise ValueError(
+                f"write_summary({tag!r}): unknown kind {kind!r}; use one of {', '.join(KINDS)}"
+            )
+        if kind == "scalar":
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(
+                        f"write_summary({tag!r}, kind='scalar') needs a one-element tensor, "
+                        f"got shape {tuple(value.shape)}; reduce it (.mean()) or log it as "
+                        "a histogram"
+                    )
+                self.put_scalar(tag, value.reshape(()) if value.ndim else value)
+            elif isinstance(value, numbers.Real):
+                self._number(tag, float(value))
+            else:
+                raise TypeError(
+                    f"write_summary({tag!r}, kind='scalar') needs a number or a one-element "
+                    f"tensor, got {type(value).__name__}"
+                )
+            return
+        if not self.writing:
+            return  # non-scalars are only kept on summary steps
+        if kind == "text":
+            self._others[tag] = ("text", tag, str(value), self.step)
+            return
+        tensor = _as_tensor(tag, value, kind)
+        if kind == "image":
+            formats = _image_formats(tag, tensor)
+            self._others[tag] = ("image", tag, (tensor.detach().clone(), formats), self.step)
+        else:
+            self._others[tag] = ("histogram", tag, tensor.detach().clone(), self.step)
+
+    def _number(self, tag: str, value: float) -> None:
+        window = self._scalars.get(tag)
+        if window is None:
+            window = self._scalars[tag] = _ScalarWindow()
+        window.add_number(value, self.step)
+
+    def flush(self) -> SummaryRecord:
+        """End the window: average every scalar, move the rest to the CPU, and reset.
+
+        Costs one device synchronisation per device holding scalars, whatever the number
+        of tags and steps in the window.
+        """
+        record = SummaryRecord(step=self.step)
+        by_device: dict[torch.device, list[tuple[str, _ScalarWindow]]] = {}
+        for tag, window in self._scalars.items():
+            if window.values:
+                window.fold()
+            if window.total is not None:
+                by_device.setdefault(window.total.device, []).append((tag, window))
+            elif window.py_count:
+                self._finish(record, tag, window, 0.0, math.inf)
+        for windows in by_device.values():
+            pairs = torch.stack([t for _, w in windows for t in (w.total, w.first_bad)])
+            numbers_ = pairs.tolist()  # the one sync of this flush for this device
+            for i, (tag, window) in enumerate(windows):
+                self._finish(record, tag, window, numbers_[2 * i], numbers_[2 * i + 1])
+        for kind, tag, value, step in self._others.values():
+            if kind == "image":
+                value = (value[0].cpu(), value[1])
+            elif kind == "histogram":
+                value = value.cpu()
+            record.others.append((kind, tag, value, step))
+        self._scalars = {}
+        self._others = {}
+        return record
+
+    @staticmethod
+    def _finish(record: SummaryRecord, tag: str, window: _ScalarWindow, tensor_sum: float,
+                first_bad_index: float) -> None:
+        count = window.offset + window.py_count
+        record.scalars[tag] = (tensor_sum + window.py_sum) / count
+        bad_steps = [s for s in (window.py_first_bad,) if s is not None]
+        if first_bad_index != math.inf:
+            bad_steps.append(window.steps[int(first_bad_index)])
+        if bad_steps:
+            record.nonfinite[tag] = min(bad_steps)
+
+
+def _infer_kind(tag: str, value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1:
+            return "scalar"
+        if value.ndim == 3 and (value.shape[0] in _IMAGE_CHANNELS
+                                or value.shape[-1] in _IMAGE_CHANNELS):
+            return "image"
+        return "histogram"
+    if isinstance(value, numbers.Real):
+        return "scalar"
+    if isinstance(value, str):
+        return "text"
+    if hasattr(value, "__array__"):
+        return _infer_kind(tag, torch.as_tensor(value))
+    raise TypeError(
+        f"write_summary({tag!r}): cannot log a {type(value).__name__}; pass a number, a "
+        "tensor or a string"
+    )
+
+
+def _as_tensor(tag: str, value: Any, kind: str) -> torch.Tensor:
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if tensor.numel() == 0:
+        raise ValueError(f"write_summary({tag!r}, kind={kind!r}): the tensor is empty")
+    return tensor
+
+
+def _image_formats(tag: str, image: torch.Tensor) -> str:
+    """The `dataformats` TensorBoard needs for `image`, inferred from its shape."""
+    if image.ndim == 2:
+        return "HW"
+    if image.ndim == 3:
+        if image.shape[0] in _IMAGE_CHANNELS:
+            return "CHW"
+        if image.shape[-1] in _IMAGE_CHANNELS:
+            return "HWC"
+    if image.ndim == 4:
+        if image.shape[1] in _IMAGE_CHANNELS:
+            return "NCHW"
+        if image.shape[-1] in _IMAGE_CHANNELS:
+            return "NHWC"
+    raise ValueError(
+        f"write_summary({tag!r}, kind='image'): cannot read shape {tuple(image.shape)} as an "
+        "image; expected HW, CHW or HWC (or NCHW/NHWC for a batch) with 1, 3 or 4 channels"
+    )
