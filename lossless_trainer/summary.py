@@ -47,9 +47,12 @@ _PREFIX: ContextVar[str] = ContextVar("lossless_trainer_prefix", default="")
 # queued, so memory stays bounded whatever `log_every` is.
 _FOLD_AT = 256
 _IMAGE_CHANNELS = (1, 3, 4)
+_IMAGE_FORMATS = ("HW", "CHW", "HWC", "NCHW", "NHWC")
 
 
-def write_summary(name: str, value: Any, kind: str | None = None) -> None:
+def write_summary(
+    name: str, value: Any, kind: str | None = None, *, dataformats: str | None = None
+) -> None:
     """Log a value to the active training run; do nothing outside one.
 
     Callable from any depth of the call stack (a sub-module's `forward`, a helper loss
@@ -64,6 +67,9 @@ def write_summary(name: str, value: Any, kind: str | None = None) -> None:
             3-d tensors whose first or last dimension is 1, 3 or 4 are images, and any
             other tensor is a histogram. Pass it explicitly to override, for example
             ``kind="image"`` for a 2-d grayscale or 4-d NCHW batch.
+        dataformats: Layout of an image, as TensorBoard spells it (``"CHW"``, ``"HWC"``,
+            ``"HW"``, ``"NCHW"``, ``"NHWC"``). Inferred when omitted; CHW wins when both
+            readings fit, so pass ``"HWC"`` for an HWC image only 1, 3 or 4 pixels high.
 
     Scalars are averaged over the steps since the last flush. The other kinds are kept
     only on summary steps; guard costly ones with `is_summary_step()`.
@@ -72,7 +78,7 @@ def write_summary(name: str, value: Any, kind: str | None = None) -> None:
     if sink is None:
         return
     prefix = _PREFIX.get()
-    sink.put(prefix + name if prefix else name, value, kind)
+    sink.put(prefix + name if prefix else name, value, kind, dataformats)
 
 
 def is_summary_step() -> bool:
@@ -198,13 +204,14 @@ class SummarySink:
         if len(window.values) >= _FOLD_AT:
             window.fold()
 
-    def put(self, tag: str, value: Any, kind: str | None = None) -> None:
+    def put(self, tag: str, value: Any, kind: str | None = None,
+            dataformats: str | None = None) -> None:
         """Store `value` under `tag`, inferring its kind when not given."""
         if type(value) is float or type(value) is int:  # the common case, checked first
             self._number(tag, value)
             return
         if kind is None:
-            kind = _infer_kind(tag, value)
+            kind = "image" if dataformats else _infer_kind(tag, value)
         elif kind not in KINDS:
             raise ValueError(
                 f"write_summary({tag!r}): unknown kind {kind!r}; use one of {', '.join(KINDS)}"
@@ -233,7 +240,7 @@ class SummarySink:
             return
         tensor = _as_tensor(tag, value, kind)
         if kind == "image":
-            formats = _image_formats(tag, tensor)
+            formats = _image_formats(tag, tensor, dataformats)
             self._others[tag] = ("image", tag, (tensor.detach().clone(), formats), self.step)
         else:
             self._others[tag] = ("histogram", tag, tensor.detach().clone(), self.step)
@@ -313,8 +320,15 @@ def _as_tensor(tag: str, value: Any, kind: str) -> torch.Tensor:
     return tensor
 
 
-def _image_formats(tag: str, image: torch.Tensor) -> str:
-    """The `dataformats` TensorBoard needs for `image`, inferred from its shape."""
+def _image_formats(tag: str, image: torch.Tensor, given: str | None) -> str:
+    """The `dataformats` TensorBoard needs for `image`: checked if given, else inferred."""
+    if given is not None:
+        if given not in _IMAGE_FORMATS or len(given) != image.ndim:
+            raise ValueError(
+                f"write_summary({tag!r}): dataformats={given!r} does not fit an image of shape "
+                f"{tuple(image.shape)}; use one of {', '.join(_IMAGE_FORMATS)}"
+            )
+        return given
     if image.ndim == 2:
         return "HW"
     if image.ndim == 3:

@@ -120,7 +120,9 @@ class Trainer:
         self.optimizer = _build_optimizer(optimizer, self.model)
         self.data = data
         self.max_steps = max_steps
-        self.max_epochs = max_epochs if max_epochs is not None or max_steps else 1
+        # No limit at all means one epoch; a one-shot iterator then runs until exhausted.
+        unlimited = max_epochs is None and max_steps is None and not is_one_shot(data)
+        self.max_epochs = 1 if unlimited else max_epochs
         self.log_dir = os.fspath(log_dir) if log_dir is not None else _fresh_run_dir()
         self.log_every = log_every
         self.seed = seed
@@ -174,6 +176,8 @@ class Trainer:
         hooks = self.hooks
         max_steps = self.max_steps if self.max_steps is not None else sys.maxsize
         max_epochs = self.max_epochs if self.max_epochs is not None else sys.maxsize
+        # The last step is a summary step too, so media written there are kept.
+        last_step = self.total_steps or max_steps
         self.model.train()
         with self.sink.activate():
             try:
@@ -188,7 +192,7 @@ class Trainer:
                     hooks.call("before_epoch", self)
                     for batch in self.data:
                         step = self.state.step + 1
-                        self.sink.begin_step(step, step % self.log_every == 0 or step == max_steps)
+                        self.sink.begin_step(step, step % self.log_every == 0 or step == last_step)
                         self.batch = batch
                         hooks.call("before_step", self)
                         self.losses = self.run_step(batch)
@@ -318,11 +322,15 @@ def _build_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _fresh_run_dir(root: str = "runs") -> str:
+    """Create and return ``root/<date>-<time>[-n]``; creating it reserves the name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(root, stamp)
-    suffix = 1
-    while os.path.exists(path):
-        path = os.path.join(root, f"{stamp}-{suffix}")
-        suffix += 1
-    return path
+    os.makedirs(root, exist_ok=True)
+    for suffix in range(10_000):
+        path = os.path.join(root, f"{stamp}-{suffix}" if suffix else stamp)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free run directory name under {root!r} for {stamp}")
 

@@ -1,0 +1,52 @@
+"""Shared tiny models and data for the test suite."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lossless_trainer import Model
+
+
+class TinyClassifier(Model):
+    """16 -> 32 -> 4 MLP with dropout, so runs consume RNG like real models."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(dropout))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, batch):
+        x, y = batch
+        logits = self.head(self.body(x))
+        if not self.training:
+            return logits.argmax(-1)
+        return {"ce": F.cross_entropy(logits, y)}
+
+
+def make_batches(n: int, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 16, generator=g), torch.randint(0, 4, (batch,), generator=g))
+            for _ in range(n)]
+
+
+@pytest.fixture
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return make_batches(6)
+
+
+@pytest.fixture
+def quiet(tmp_path):
+    """Keyword arguments for a Trainer that writes into tmp_path and prints nothing."""
+    return {"log_dir": str(tmp_path / "run"), "progress": False}
+
+
+def read_metrics(log_dir: str) -> list[dict]:
+    """The run's metrics.jsonl, one dict per flush."""
+    with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,224 @@
+"""write_summary, summary_scope, is_summary_step and the sink that stores values lazily."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_batches, read_metrics
+from torch import nn
+
+from lossless_trainer import (
+    Model,
+    Trainer,
+    is_summary_step,
+    summary_scope,
+    write_summary,
+)
+from lossless_trainer.summary import _FOLD_AT, SummarySink
+
+
+def test_outside_training_write_summary_is_a_no_op():
+    write_summary("x", torch.ones(3, requires_grad=True))
+    write_summary("y", object())  # not even validated: nothing is listening
+    assert not is_summary_step()
+    with summary_scope("s"):
+        write_summary("z", 1.0)
+
+
+def test_scopes_nest_and_survive_exceptions():
+    sink = SummarySink()
+    with sink.activate():
+        with summary_scope("det"):
+            with summary_scope("/rpn/"):
+                write_summary("num_pos", 3)
+            try:
+                with summary_scope("roi"):
+                    raise KeyError("inside")
+            except KeyError:
+                pass
+            write_summary("after", 1)
+        write_summary("top", 2)
+
+        @summary_scope("decorated")
+        def helper():
+            write_summary("v", 4)
+
+        helper()
+    assert set(sink.flush().scalars) == {"det/rpn/num_pos", "det/after", "top", "decorated/v"}
+    with pytest.raises(ValueError, match="non-empty name"), summary_scope("/"):
+        pass
+
+
+def test_scalars_are_averaged_over_the_window_and_reset():
+    sink = SummarySink()
+    with sink.activate():
+        for step in range(1, 5):
+            sink.begin_step(step, writing=step == 4)
+            write_summary("t", torch.tensor(float(step)))
+            write_summary("p", step)  # Python numbers are accumulated on the host
+            write_summary("mixed", torch.tensor(10.0) if step % 2 else 20)
+    record = sink.flush()
+    assert record.step == 4
+    assert record.scalars == {"t": 2.5, "p": 2.5, "mixed": 15.0}
+    assert record.nonfinite == {}
+    assert sink.flush().scalars == {}
+
+
+def test_many_values_fold_into_bounded_memory_and_keep_first_nonfinite_step():
+    sink = SummarySink()
+    n = 3 * _FOLD_AT + 7
+    with sink.activate():
+        for step in range(1, n + 1):
+            sink.begin_step(step, writing=False)
+            value = float("nan") if step in (_FOLD_AT + 3, 2 * _FOLD_AT + 1) else 1.0
+            write_summary("x", torch.tensor(value))
+            write_summary("ok", torch.tensor(step, dtype=torch.int64))  # ints are averaged too
+            assert len(sink._scalars["x"].values) < _FOLD_AT
+    record = sink.flush()
+    assert math.isnan(record.scalars["x"])
+    assert record.nonfinite == {"x": _FOLD_AT + 3}
+    assert record.scalars["ok"] == pytest.approx((n + 1) / 2)
+
+
+def test_python_number_nonfinite_is_reported():
+    sink = SummarySink()
+    with sink.activate():
+        sink.begin_step(7, writing=True)
+        write_summary("p", float("inf"))
+    assert sink.flush().nonfinite == {"p": 7}
+
+
+def test_kind_inference_and_explicit_kinds():
+    sink = SummarySink()
+    with sink.activate():
+        sink.begin_step(1, writing=True)
+        write_summary("scalar_tensor", torch.tensor([2.0]))
+        write_summary("bool", True)
+        write_summary("hist", torch.randn(10, 5))
+        write_summary("chw", torch.rand(3, 8, 8))
+        write_summary("hwc", torch.rand(8, 8, 1))
+        write_summary("gray", torch.rand(8, 8), kind="image")
+        write_summary("batch", torch.rand(2, 3, 8, 8), kind="image")
+        write_summary("forced_hist", torch.rand(3, 8, 8), kind="histogram")
+        write_summary("note", "hello")
+        write_summary("np", __import__("numpy").arange(6.0))
+        write_summary("short_hwc", torch.rand(4, 6, 3), dataformats="HWC")
+    record = sink.flush()
+    assert record.scalars == {"scalar_tensor": 2.0, "bool": 1.0}
+    kinds = {tag: (kind, value[1] if kind == "image" else None)
+             for kind, tag, value, _ in record.others}
+    assert kinds == {
+        "hist": ("histogram", None), "chw": ("image", "CHW"), "hwc": ("image", "HWC"),
+        "gray": ("image", "HW"), "batch": ("image", "NCHW"),
+        "forced_hist": ("histogram", None), "note": ("text", None), "np": ("histogram", None),
+        "short_hwc": ("image", "HWC"),
+    }
+    with sink.activate(), pytest.raises(ValueError, match="dataformats='CHW' does not fit"):
+        write_summary("bad", torch.rand(2, 4, 6, 3), dataformats="CHW")
+
+
+def test_costly_kinds_are_only_kept_on_summary_steps():
+    sink = SummarySink()
+    with sink.activate():
+        sink.begin_step(1, writing=False)
+        write_summary("h", torch.randn(5))
+        write_summary("t", "text")
+        assert not is_summary_step()
+        sink.begin_step(2, writing=True)
+        assert is_summary_step()
+        write_summary("h", torch.ones(5))
+    record = sink.flush()
+    assert [(kind, tag, step) for kind, tag, _, step in record.others] == [("histogram", "h", 2)]
+
+
+def test_stored_values_do_not_follow_later_in_place_changes():
+    sink = SummarySink()
+    weights = torch.zeros(4)
+    with sink.activate():
+        sink.begin_step(1, writing=True)
+        write_summary("w", weights)
+        weights += 5
+    (_, _, stored, _), = sink.flush().others
+    assert torch.equal(stored, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "error", "message"),
+    [
+        (torch.ones(2), "bogus", ValueError, "unknown kind 'bogus'"),
+        (torch.ones(2, 2), "scalar", ValueError, r"one-element tensor, got shape \(2, 2\)"),
+        ("text", "scalar", TypeError, "needs a number or a one-element tensor, got str"),
+        (torch.ones(5, 7), "image", ValueError, r"cannot read shape \(5, 7\)|shape \(5, 7\)"),
+        (torch.ones(2, 5, 7), "image", ValueError, r"cannot read shape \(2, 5, 7\) as an image"),
+        (torch.ones(0), "histogram", ValueError, "the tensor is empty"),
+        (object(), None, TypeError, "cannot log a object"),
+    ],
+)
+def test_bad_summaries_name_the_tag(value, kind, error, message):
+    sink = SummarySink()
+    with sink.activate(), summary_scope("s"):
+        sink.begin_step(1, writing=True)
+        if kind == "image" and value.ndim == 2:
+            write_summary("img", value, kind=kind)  # 2-d is a valid grayscale image
+            return
+        with pytest.raises(error, match=message):
+            write_summary("img", value, kind=kind)
+    with pytest.raises(error, match="'s/img'"), sink.activate(), summary_scope("s"):
+        write_summary("img", value, kind=kind)
+
+
+class Deep(Model):
+    """Summaries from a sub-module, a helper function and a thread with a copied context."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Inner()
+        self.flags: list[bool] = []
+
+    def forward(self, batch):
+        x, y = batch
+        self.flags.append(is_summary_step())
+        return {"ce": _helper_loss(self.inner(x), y)}
+
+
+class Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+
+    def forward(self, x):
+        with summary_scope("inner"):
+            write_summary("calls", 1.0)
+        return self.lin(x)
+
+
+def _helper_loss(logits, y):
+    write_summary("helper/logit_max", logits.detach().max())
+    return F.cross_entropy(logits, y)
+
+
+def test_summaries_from_any_depth_reach_the_run(quiet):
+    model = Deep()
+    Trainer(model, make_batches(7), log_every=3, **quiet).fit()
+    lines = read_metrics(quiet["log_dir"])
+    assert [line["step"] for line in lines] == [3, 6, 7]
+    assert all(line["inner/calls"] == 1.0 and "helper/logit_max" in line for line in lines)
+    assert model.flags == [False, False, True, False, False, True, True]  # last step too
+
+
+def test_write_summary_from_another_thread_needs_a_copied_context():
+    import contextvars
+
+    sink = SummarySink()
+    with sink.activate():
+        ctx = contextvars.copy_context()
+        plain = threading.Thread(target=write_summary, args=("plain", 1.0))
+        copied = threading.Thread(target=ctx.run, args=(write_summary, "copied", 1.0))
+        for thread in (plain, copied):
+            thread.start()
+            thread.join()
+    assert set(sink.flush().scalars) == {"copied"}

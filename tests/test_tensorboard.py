@@ -1,0 +1,474 @@
+"""What the Trainer writes, read back by TensorBoard itself.
+
+Checks event files with TensorBoard's `EventAccumulator`, the running `tensorboard` server
+through its HTTP data API, and the `metrics.jsonl` file, against values that a counting
+model makes exactly computable. Self-contained: no conftest fixtures are used.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from torch import nn
+
+from lossless_trainer import Model, Trainer, is_summary_step, summary_scope, write_summary
+
+LOG_EVERY = 5
+LR = 0.05
+BATCH = 4
+LOSS_KEYS = ("mse", "count")
+# Tags written from inside the model (see `Encoder` and `Block`).
+COUNTER = "encoder/counter"  # a Python int equal to the step
+COUNTER_T = "encoder/counter_t"  # a 0-d tensor equal to twice the step
+ACT_MEAN = "encoder/act_mean"  # a real activation statistic
+NESTED = "encoder/block/counter"  # written two scopes deep, equal to the step
+MODEL_TAGS = (COUNTER, COUNTER_T, ACT_MEAN, NESTED)
+TRAINER_TAGS = ("loss/mse", "loss/count", "loss/total", "lr", "perf/steps_per_sec",
+                "perf/samples_per_sec")
+# Non-scalar tags written by `Encoder` when `media` is set.
+HIST, IMG_CHW, IMG_HWC, IMG_GRAY, TEXT = ("encoder/hist", "encoder/img_chw", "encoder/img_hwc",
+                                          "encoder/img_gray", "encoder/note")
+IMAGE_SHAPE = (8, 6)  # height, width of every logged image
+SERVER_TIMEOUT = 60.0
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Block(nn.Module):
+    """A sub-sub-module that logs under its own scope, nested in the encoder's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        with summary_scope("block"):
+            write_summary("counter", step)
+        return torch.relu(self.linear(x))
+
+
+class Encoder(nn.Module):
+    """A plain nn.Module (not a `Model`) that logs from its forward, with no trainer handle.
+
+    Args:
+        media: None for scalars only; "guarded" writes a histogram, three images and a
+            text only when `is_summary_step()`; "unguarded" writes them on every step.
+    """
+
+    def __init__(self, media: str | None = None) -> None:
+        super().__init__()
+        self.block = Block()
+        self.media = media
+        self.calls = 0  # forward calls so far == the trainer's step during training
+        self.summary_steps: list[int] = []  # steps at which is_summary_step() was True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        step = self.calls
+        with summary_scope("encoder"):
+            h = self.block(x, step)
+            write_summary("counter", step)
+            write_summary("counter_t", torch.tensor(2.0 * step))
+            write_summary("act_mean", h.detach().mean())
+            if is_summary_step():
+                self.summary_steps.append(step)
+            if self.media == "unguarded" or (self.media == "guarded" and is_summary_step()):
+                write_media(step)
+        return h
+
+
+def write_media(step: int) -> None:
+    """A histogram, three images and a text whose content encodes `step`."""
+    height, width = IMAGE_SHAPE
+    write_summary("hist", torch.arange(10.0) + step)  # 1-d tensor: inferred histogram
+    chw = torch.zeros(3, height, width, dtype=torch.uint8)
+    chw[0] = step  # red channel carries the step
+    write_summary("img_chw", chw)  # inferred image, CHW
+    hwc = torch.zeros(height, width, 3, dtype=torch.uint8)
+    hwc[..., 1] = step  # green channel carries the step
+    write_summary("img_hwc", hwc)  # inferred image, HWC
+    gray = torch.full((height, width), step, dtype=torch.uint8)
+    write_summary("img_gray", gray, kind="image")  # 2-d needs an explicit kind
+    write_summary("note", f"written at step {step}")  # a string: text
+
+
+class CountingModel(Model):
+    """Losses: a real MSE, and "count", a loss whose value is exactly the step."""
+
+    def __init__(self, media: str | None = None) -> None:
+        super().__init__()
+        self.encoder = Encoder(media)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]):
+        x, y = batch
+        pred = self.head(self.encoder(x)).squeeze(-1)
+        if not self.training:
+            return pred
+        anchor = self.head.weight.sum() * 0.0  # gives "count" a path to the parameters
+        return {"mse": F.mse_loss(pred, y), "count": anchor + float(self.encoder.calls)}
+
+
+class NaNMetricModel(CountingModel):
+    """Also logs a metric (not a loss) that is NaN at step 3 only."""
+
+    def forward(self, batch):
+        losses = super().forward(batch)
+        write_summary("metric/ratio", math.nan if self.encoder.calls == 3 else 1.0)
+        return losses
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_data(n_batches: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(BATCH, 4, generator=gen), torch.randn(BATCH, generator=gen))
+            for _ in range(n_batches)]
+
+
+def train(log_dir: Path, max_steps: int | None = None, max_epochs: int | None = None,
+          media: str | None = None, n_batches: int = 6,
+          model_cls: type[CountingModel] = CountingModel) -> tuple[Trainer, CountingModel]:
+    model = model_cls(media)
+    trainer = Trainer(model, make_data(n_batches), max_steps=max_steps, max_epochs=max_epochs,
+                      log_every=LOG_EVERY, log_dir=log_dir, progress=False, seed=0,
+                      optimizer=functools.partial(torch.optim.SGD, lr=LR))
+    trainer.fit()
+    return trainer, model
+
+
+def flush_steps(last: int) -> list[int]:
+    """Steps flushed by a run of `last` steps: every LOG_EVERY-th, plus a partial window."""
+    steps = list(range(LOG_EVERY, last + 1, LOG_EVERY))
+    return steps if steps and steps[-1] == last else [*steps, last]
+
+
+def window_means(last: int) -> list[float]:
+    """Mean of the step numbers in each flush window of a run of `last` steps."""
+    starts = [1, *(s + 1 for s in flush_steps(last)[:-1])]
+    return [(start + end) / 2 for start, end in zip(starts, flush_steps(last))]
+
+
+def load_events(log_dir: Path) -> event_accumulator.EventAccumulator:
+    """Everything TensorBoard reads from the run directory, nothing sampled away."""
+    assert list(log_dir.glob("events.out.tfevents.*")), f"no event file in {log_dir}"
+    guidance = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}
+    acc = event_accumulator.EventAccumulator(os.fspath(log_dir), size_guidance=guidance)
+    acc.Reload()
+    return acc
+
+
+def scalar_series(acc: event_accumulator.EventAccumulator, tag: str
+                  ) -> tuple[list[int], list[float]]:
+    assert tag in acc.Tags()["scalars"], f"{tag!r} not in {sorted(acc.Tags()['scalars'])}"
+    events = acc.Scalars(tag)
+    return [e.step for e in events], [e.value for e in events]
+
+
+def read_jsonl(log_dir: Path) -> list[dict]:
+    path = log_dir / "metrics.jsonl"
+    assert path.is_file(), f"{path} was not written"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def decode_png(encoded: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(encoded))
+    image.load()
+    return image.convert("RGB")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tensorboard_command() -> list[str]:
+    script = Path(sys.executable).with_name("tensorboard")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [os.fspath(script)]
+    return [sys.executable, "-m", "tensorboard.main"]
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200, f"{url}: HTTP {response.status}"
+        return json.loads(response.read().decode("utf-8"))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run22(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer, CountingModel]:
+    """One scalar-only run of 22 steps (4 full windows and a partial one), shared."""
+    log_dir = tmp_path_factory.mktemp("run22")
+    trainer, model = train(log_dir, max_steps=22)
+    return log_dir, trainer, model
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+@pytest.mark.parametrize("max_steps", [20, 22])
+def test_scalars_from_submodule_reach_tensorboard_at_flush_steps(tmp_path, max_steps):
+    trainer, model = train(tmp_path, max_steps=max_steps)
+    assert trainer.state.step == max_steps
+    expected_steps = [5, 10, 15, 20] if max_steps == 20 else [5, 10, 15, 20, 22]
+    assert flush_steps(max_steps) == expected_steps
+    assert model.encoder.summary_steps == expected_steps
+
+    acc = load_events(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    missing = {*MODEL_TAGS, *TRAINER_TAGS} - tags
+    assert not missing, f"tags missing from TensorBoard: {sorted(missing)}; found {sorted(tags)}"
+    for tag in (*MODEL_TAGS, *TRAINER_TAGS):
+        steps, _ = scalar_series(acc, tag)
+        assert steps == expected_steps, tag
+
+    means = window_means(max_steps)
+    # 20 steps: 1..5 -> 3, 6..10 -> 8, 11..15 -> 13, 16..20 -> 18; 22 steps adds 21..22 -> 21.5
+    assert means[:4] == [3.0, 8.0, 13.0, 18.0]
+    for tag, scale in ((COUNTER, 1.0), (NESTED, 1.0), (COUNTER_T, 2.0), ("loss/count", 1.0)):
+        _, values = scalar_series(acc, tag)
+        assert values == pytest.approx([scale * m for m in means], rel=1e-6), tag
+
+
+def test_final_partial_window_holds_only_its_own_steps(run22):
+    log_dir, trainer, _ = run22
+    acc = load_events(log_dir)
+    steps, values = scalar_series(acc, COUNTER)
+    assert steps[-1] == 22
+    assert values[-1] == pytest.approx(21.5)  # mean of steps 21 and 22 only
+    assert trainer.last_summary is not None and trainer.last_summary.step == 22
+    assert trainer.last_summary.scalars[COUNTER] == pytest.approx(21.5)
+
+
+def test_loss_total_is_sum_of_per_key_means(run22):
+    log_dir, _, _ = run22
+    acc = load_events(log_dir)
+    total_steps, totals = scalar_series(acc, "loss/total")
+    per_key = [scalar_series(acc, f"loss/{key}") for key in LOSS_KEYS]
+    for steps, values in per_key:
+        assert steps == total_steps
+        assert all(math.isfinite(v) for v in values)
+    _, mse = per_key[0]
+    assert all(v > 0 for v in mse)  # a real squared error, not a placeholder
+    sums = [sum(values) for values in zip(*(values for _, values in per_key))]
+    assert totals == pytest.approx(sums, rel=1e-5)
+
+
+def test_lr_and_throughput_are_logged(run22):
+    log_dir, _, _ = run22
+    acc = load_events(log_dir)
+    steps, lrs = scalar_series(acc, "lr")
+    assert steps == flush_steps(22)
+    assert lrs == pytest.approx([LR] * len(steps), rel=1e-6)
+    for tag in ("perf/steps_per_sec", "perf/samples_per_sec"):
+        steps, rates = scalar_series(acc, tag)
+        assert steps == flush_steps(22), tag
+        assert all(math.isfinite(r) and r > 0 for r in rates), (tag, rates)
+    # Every window except the last holds LOG_EVERY steps of BATCH samples each.
+    _, steps_rate = scalar_series(acc, "perf/steps_per_sec")
+    _, samples_rate = scalar_series(acc, "perf/samples_per_sec")
+    for s, n in zip(steps_rate, samples_rate):
+        assert n == pytest.approx(BATCH * s, rel=1e-4)
+
+
+def test_epoch_bounded_run_flushes_its_last_partial_window(tmp_path):
+    # 7 batches, one epoch, log_every=5: no max_steps, so the last window (6, 7) is
+    # flushed when training ends rather than by the step-count rule.
+    trainer, _ = train(tmp_path, max_epochs=1, n_batches=7)
+    assert trainer.state.step == 7
+    acc = load_events(tmp_path)
+    steps, values = scalar_series(acc, COUNTER)
+    assert steps == [5, 7]
+    assert values == pytest.approx([3.0, 6.5])
+    assert [line["step"] for line in read_jsonl(tmp_path)] == [5, 7]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def test_tensorboard_server_serves_model_scalar(run22, tmp_path):
+    log_dir, _, _ = run22
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "tensorboard.log"
+    command = [*tensorboard_command(), "--logdir", os.fspath(log_dir),
+               "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        tags: dict = {}
+        points: list = []
+        run = None
+        expected = flush_steps(22)
+        # Poll until the server answers, has loaded the run, and serves every point
+        # (it loads event files in the background, so early answers may be partial).
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"tensorboard exited with {server.returncode}:\n"
+                            f"{log_path.read_text(errors='replace')}")
+            try:
+                tags = get_json(f"{base}/data/plugin/scalars/tags")  # type: ignore[assignment]
+                run = next((r for r, t in tags.items() if NESTED in t), None)
+                if run is not None:
+                    query = urllib.parse.urlencode({"run": run, "tag": NESTED})
+                    points = get_json(f"{base}/data/plugin/scalars/scalars?{query}")  # type: ignore[assignment]
+                    if len(points) >= len(expected):
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass  # not listening yet
+            time.sleep(0.25)
+        assert run is not None, (f"tag {NESTED!r} never served within {SERVER_TIMEOUT}s; "
+                                 f"tags={tags}\n{log_path.read_text(errors='replace')}")
+        assert {*MODEL_TAGS, *TRAINER_TAGS} <= set(tags[run])
+        assert run == "."  # the run directory itself is the logdir
+        assert [p[1] for p in points] == expected
+        assert [p[2] for p in points] == pytest.approx(window_means(22), rel=1e-6)
+
+        query = urllib.parse.urlencode({"run": run, "tag": "loss/total"})
+        total = get_json(f"{base}/data/plugin/scalars/scalars?{query}")
+        assert [p[1] for p in total] == expected  # type: ignore[union-attr]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------- media
+
+
+@pytest.fixture(scope="module", params=["guarded", "unguarded"])
+def media_run(request, tmp_path_factory) -> tuple[str, Path, CountingModel]:
+    log_dir = tmp_path_factory.mktemp(f"media-{request.param}")
+    _, model = train(log_dir, max_steps=22, media=request.param)
+    return request.param, log_dir, model
+
+
+def test_media_appear_only_at_flush_steps(media_run):
+    mode, log_dir, model = media_run
+    expected = flush_steps(22)
+    assert model.encoder.summary_steps == expected
+    acc = load_events(log_dir)
+    tags = acc.Tags()
+    assert tags["histograms"] == [HIST], tags
+    assert sorted(tags["images"]) == sorted([IMG_CHW, IMG_HWC, IMG_GRAY]), tags
+    assert f"{TEXT}/text_summary" in tags["tensors"], tags
+    assert [e.step for e in acc.Histograms(HIST)] == expected, mode
+    for tag in (IMG_CHW, IMG_HWC, IMG_GRAY):
+        assert [e.step for e in acc.Images(tag)] == expected, (mode, tag)
+    assert [e.step for e in acc.Tensors(f"{TEXT}/text_summary")] == expected, mode
+    # Media steps coincide with the scalar flushes.
+    assert scalar_series(acc, COUNTER)[0] == expected
+
+
+def test_histogram_holds_the_value_written_at_its_step(media_run):
+    mode, log_dir, _ = media_run
+    acc = load_events(log_dir)
+    for event in acc.Histograms(HIST):
+        histo = event.histogram_value
+        step = event.step
+        assert (histo.min, histo.max, histo.num) == (step, step + 9, 10), (mode, step)
+        assert histo.sum == pytest.approx(10 * step + 45), (mode, step)
+
+
+@pytest.mark.parametrize("tag, channel", [(IMG_CHW, 0), (IMG_HWC, 1), (IMG_GRAY, None)])
+def test_image_layouts_decode_correctly(media_run, tag, channel):
+    mode, log_dir, _ = media_run
+    height, width = IMAGE_SHAPE
+    events = load_events(log_dir).Images(tag)
+    assert events, (mode, tag)
+    for event in events:
+        assert (event.height, event.width) == (height, width), (mode, tag)
+        image = decode_png(event.encoded_image_string)
+        assert image.size == (width, height)  # PIL reports (width, height)
+        step = event.step
+        want = (step, step, step) if channel is None else tuple(
+            step if c == channel else 0 for c in range(3))
+        assert {color for _, color in image.getcolors()} == {want}, (mode, tag, step)
+
+
+def test_text_is_written_at_its_step(media_run):
+    mode, log_dir, _ = media_run
+    events = load_events(log_dir).Tensors(f"{TEXT}/text_summary")
+    assert events
+    for event in events:
+        text = event.tensor_proto.string_val[0].decode("utf-8")
+        assert text == f"written at step {event.step}", mode
+
+
+def test_media_are_not_in_metrics_jsonl(media_run):
+    _, log_dir, _ = media_run
+    keys = set().union(*(line.keys() for line in read_jsonl(log_dir)))
+    assert not keys & {HIST, IMG_CHW, IMG_HWC, IMG_GRAY, TEXT}
+    assert COUNTER in keys
+
+
+def test_media_in_epoch_bounded_run_stay_within_flush_steps(tmp_path):
+    # Without max_steps the last step of a sized run is still known, so it is a summary step:
+    # media written there are kept, at the same steps as the flushed scalars.
+    train(tmp_path, max_epochs=1, n_batches=7, media="unguarded")
+    acc = load_events(tmp_path)
+    flushed = scalar_series(acc, COUNTER)[0]
+    assert flushed == [5, 7]
+    media_steps = {e.step for e in acc.Histograms(HIST)}
+    media_steps |= {e.step for tag in (IMG_CHW, IMG_HWC, IMG_GRAY) for e in acc.Images(tag)}
+    assert media_steps == set(flushed)
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+
+def test_metrics_jsonl_has_one_line_per_flush_with_the_same_tags(run22):
+    log_dir, _, _ = run22
+    lines = read_jsonl(log_dir)
+    expected = flush_steps(22)
+    assert [line["step"] for line in lines] == expected
+    acc = load_events(log_dir)
+    tb_tags = set(acc.Tags()["scalars"])
+    for line in lines:
+        assert isinstance(line["time"], float)
+        assert set(line) - {"step", "time"} == tb_tags, line["step"]
+    for tag in tb_tags:
+        steps, values = scalar_series(acc, tag)
+        assert steps == expected
+        # TensorBoard stores float32; the JSON line keeps the full float64 mean.
+        assert [line[tag] for line in lines] == pytest.approx(values, rel=1e-6), tag
+    assert [line[COUNTER] for line in lines] == window_means(22)  # exact in float64
+
+
+def test_nonfinite_metric_is_nan_in_tensorboard_and_a_string_in_jsonl(tmp_path):
+    # A NaN in a metric (not a loss) does not stop training; its window's mean is NaN.
+    trainer, _ = train(tmp_path, max_steps=10, model_cls=NaNMetricModel)
+    assert trainer.state.step == 10
+    steps, values = scalar_series(load_events(tmp_path), "metric/ratio")
+    assert steps == [5, 10]
+    assert math.isnan(values[0]) and values[1] == 1.0
+    lines = read_jsonl(tmp_path)
+    assert [line["metric/ratio"] for line in lines] == ["nan", 1.0]
