@@ -16,20 +16,27 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
     Recurses into mappings, lists, tuples, named tuples and dataclass instances, and
     rebuilds them with the same type. Anything else (strings, numbers, custom objects) is
-    returned as it is. Tensors already on `device` are not copied; copies from pinned
-    memory to an accelerator are asynchronous.
+    returned as it is. Tensors already on `device` are not copied, and a container whose
+    contents did not move is returned itself; copies from pinned memory to an
+    accelerator are asynchronous. The input is never modified.
     """
     if isinstance(batch, torch.Tensor):
         if batch.device == device:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (list, tuple)):
+        if all(type(item) is torch.Tensor and item.device == device for item in batch):
+            return batch  # the common (inputs, targets) case, already in place
         moved = [move_to_device(item, device) for item in batch]
+        if all(new is old for new, old in zip(moved, batch)):
+            return batch  # already there: skip rebuilding the container
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # named tuple
             return type(batch)(*moved)
         return moved if type(batch) is list else type(batch)(moved)
     if isinstance(batch, Mapping):
         moved_items = {key: move_to_device(value, device) for key, value in batch.items()}
+        if all(moved_items[key] is value for key, value in batch.items()):
+            return batch
         if type(batch) is dict:
             return moved_items
         try:
@@ -39,6 +46,8 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
         changes = {f.name: move_to_device(getattr(batch, f.name), device)
                    for f in dataclasses.fields(batch) if f.init}
+        if all(value is getattr(batch, name) for name, value in changes.items()):
+            return batch
         return dataclasses.replace(batch, **changes)
     return batch
 

@@ -109,6 +109,10 @@ class HookList:
         for method in self._bound[point]:
             method(trainer)
 
+    def bound(self, point: str) -> list[Any]:
+        """The bound methods to call at `point`: only those hooks actually override."""
+        return self._bound[point]
+
     def teardown(self, point: str, *args: Any) -> list[BaseException]:
         """Call `point` on every hook; a failure is logged and does not stop the rest."""
         errors: list[BaseException] = []
@@ -152,7 +156,6 @@ class LoggingHook(Hook):
             if tag is None:
                 tag = tags[key] = f"loss/{key}"
             sink.put_scalar(tag, loss)
-        sink.put_scalar("loss/total", trainer.total_loss)
         self._window_steps += 1
         if self._samples is not None:
             size = batch_size(trainer.batch)
@@ -171,6 +174,12 @@ class LoggingHook(Hook):
 
     def flush(self, trainer: Trainer) -> None:
         record = trainer.sink.flush()
+        # loss/total is derived, not stored per step: the window's summed losses over its
+        # steps. Exact also when an optional loss is missing from some steps.
+        window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()
+                       if tag in record.counts]
+        if window_sums and self._window_steps:
+            record.scalars["loss/total"] = sum(window_sums) / self._window_steps
         elapsed = time.perf_counter() - self._window_start
         if elapsed > 0 and self._window_steps:
             record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed

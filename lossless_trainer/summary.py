@@ -115,6 +115,7 @@ class SummaryRecord:
     Attributes:
         step: The step the window is written at.
         scalars: Mean of each scalar tag over the window.
+        counts: How many values each scalar mean is over (to weight means when merging).
         nonfinite: For each tag that received a NaN or Inf in the window, the first step
             that did.
         others: ``(kind, tag, value, step)`` for histograms, images and text. Images carry
@@ -123,6 +124,7 @@ class SummaryRecord:
 
     step: int
     scalars: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
     others: list[tuple[str, str, Any, int]] = field(default_factory=list)
 
@@ -207,10 +209,13 @@ class SummarySink:
     def put(self, tag: str, value: Any, kind: str | None = None,
             dataformats: str | None = None) -> None:
         """Store `value` under `tag`, inferring its kind when not given."""
-        if type(value) is float or type(value) is int:  # the common case, checked first
-            self._number(tag, value)
-            return
         if kind is None:
+            if type(value) is torch.Tensor and value.ndim == 0:  # the common cases first
+                self.put_scalar(tag, value)
+                return
+            if type(value) is float or type(value) is int:
+                self._number(tag, value)
+                return
             kind = "image" if dataformats else _infer_kind(tag, value)
         elif kind not in KINDS:
             raise ValueError(
@@ -254,23 +259,45 @@ class SummarySink:
     def flush(self) -> SummaryRecord:
         """End the window: average every scalar, move the rest to the CPU, and reset.
 
-        Costs one device synchronisation per device holding scalars, whatever the number
-        of tags and steps in the window.
+        All pending tensors on one device are stacked and transferred together: one
+        device synchronisation per device, whatever the number of tags and steps.
         """
         record = SummaryRecord(step=self.step)
-        by_device: dict[torch.device, list[tuple[str, _ScalarWindow]]] = {}
+        stacks: dict[torch.device, list[torch.Tensor]] = {}
+        plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int]] = []
         for tag, window in self._scalars.items():
-            if window.values:
-                window.fold()
-            if window.total is not None:
-                by_device.setdefault(window.total.device, []).append((tag, window))
-            elif window.py_count:
-                self._finish(record, tag, window, 0.0, math.inf)
-        for windows in by_device.values():
-            pairs = torch.stack([t for _, w in windows for t in (w.total, w.first_bad)])
-            numbers_ = pairs.tolist()  # the one sync of this flush for this device
-            for i, (tag, window) in enumerate(windows):
-                self._finish(record, tag, window, numbers_[2 * i], numbers_[2 * i + 1])
+            parts = window.values if window.total is None else [
+                *window.values, window.total, window.first_bad]
+            if not parts:
+                plan.append((tag, window, None, 0))
+                continue
+            stack = stacks.setdefault(parts[0].device, [])
+            plan.append((tag, window, stack, len(stack)))
+            stack.extend(parts)
+        host = {id(stack): torch.stack(stack).tolist() for stack in stacks.values()}
+        for tag, window, stack, start in plan:
+            total, count, bad_steps = window.py_sum, window.py_count, []
+            if window.py_first_bad is not None:
+                bad_steps.append(window.py_first_bad)
+            if stack is not None:
+                numbers_ = host[id(stack)]
+                pending = numbers_[start:start + len(window.values)]
+                total += sum(pending)
+                count += len(pending)
+                for i, value in enumerate(pending):
+                    if not math.isfinite(value):
+                        bad_steps.append(window.steps[window.offset + i])
+                        break
+                if window.total is not None:
+                    folded_sum, folded_bad = numbers_[start + len(pending):start + len(pending) + 2]
+                    total += folded_sum
+                    count += window.offset
+                    if folded_bad != math.inf:
+                        bad_steps.append(window.steps[int(folded_bad)])
+            record.scalars[tag] = total / count
+            record.counts[tag] = count
+            if bad_steps:
+                record.nonfinite[tag] = min(bad_steps)
         for kind, tag, value, step in self._others.values():
             if kind == "image":
                 value = (value[0].cpu(), value[1])
@@ -280,17 +307,6 @@ class SummarySink:
         self._scalars = {}
         self._others = {}
         return record
-
-    @staticmethod
-    def _finish(record: SummaryRecord, tag: str, window: _ScalarWindow, tensor_sum: float,
-                first_bad_index: float) -> None:
-        count = window.offset + window.py_count
-        record.scalars[tag] = (tensor_sum + window.py_sum) / count
-        bad_steps = [s for s in (window.py_first_bad,) if s is not None]
-        if first_bad_index != math.inf:
-            bad_steps.append(window.steps[int(first_bad_index)])
-        if bad_steps:
-            record.nonfinite[tag] = min(bad_steps)
 
 
 def _infer_kind(tag: str, value: Any) -> str:

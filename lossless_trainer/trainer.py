@@ -140,6 +140,7 @@ class Trainer:
         if progress:
             builtin.append(ProgressHook())
         self.hooks = HookList([*builtin, *callbacks])
+        self._after_backward = self.hooks.bound("after_backward")
         self._stop_request: str | None = None
         self._model_name = type(model).__name__
 
@@ -173,7 +174,8 @@ class Trainer:
         if self.seed is not None:
             seed_everything(self.seed)
         self.state.stop_reason = self._stop_request = None
-        hooks = self.hooks
+        hooks, state, sink = self.hooks, self.state, self.sink
+        before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
         max_steps = self.max_steps if self.max_steps is not None else sys.maxsize
         max_epochs = self.max_epochs if self.max_epochs is not None else sys.maxsize
         # The last step is a summary step too, so media written there are kept.
@@ -182,25 +184,27 @@ class Trainer:
         with self.sink.activate():
             try:
                 hooks.call("before_train", self)
-                while self.state.stop_reason is None:
-                    if self.state.step >= max_steps:
-                        self.state.stop_reason = "max_steps"
+                while state.stop_reason is None:
+                    if state.step >= max_steps:
+                        state.stop_reason = "max_steps"
                         break
-                    if self.state.epoch >= max_epochs:
-                        self.state.stop_reason = "max_epochs"
+                    if state.epoch >= max_epochs:
+                        state.stop_reason = "max_epochs"
                         break
                     hooks.call("before_epoch", self)
                     for batch in self.data:
-                        step = self.state.step + 1
-                        self.sink.begin_step(step, step % self.log_every == 0 or step == last_step)
+                        step = state.step + 1
+                        sink.begin_step(step, step % self.log_every == 0 or step == last_step)
                         self.batch = batch
-                        hooks.call("before_step", self)
+                        for hook in before_step:
+                            hook(self)
                         self.losses = self.run_step(batch)
-                        self.state.step = step
-                        self.state.batch_in_epoch += 1
-                        hooks.call("after_step", self)
+                        state.step = step
+                        state.batch_in_epoch += 1
+                        for hook in after_step:
+                            hook(self)
                         if self._stop_request is not None or step >= max_steps:
-                            self.state.stop_reason = self._stop_request or "max_steps"
+                            state.stop_reason = self._stop_request or "max_steps"
                             break
                     else:
                         self._end_epoch(max_steps)
@@ -248,7 +252,8 @@ class Trainer:
         if self.finite_check == "step":
             self._check_finite(losses, total)
         total.backward()
-        self.hooks.call("after_backward", self)
+        for hook in self._after_backward:
+            hook(self)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.total_loss = total

@@ -29,7 +29,10 @@ __all__ = [
 
 
 class Writer(Protocol):
-    """Anything with `write(record)` and `close()` can receive summaries."""
+    """Anything with `write(record)` and `close()` can receive summaries.
+
+    A writer may also define `flush()`; it is called after each batch of records.
+    """
 
     def write(self, record: SummaryRecord) -> None: ...
 
@@ -72,6 +75,9 @@ class TensorBoardWriter:
             elif kind == "text":
                 self._writer.add_text(tag, value, step)
 
+    def flush(self) -> None:
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
 
@@ -94,6 +100,8 @@ class JSONLinesWriter:
         for tag, value in record.scalars.items():
             line[tag] = value if math.isfinite(value) else str(value)
         self._file.write(json.dumps(line) + "\n")
+
+    def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
@@ -101,16 +109,27 @@ class JSONLinesWriter:
 
 
 class BackgroundWriter:
-    """Runs other writers on one daemon thread, fed by an unbounded queue.
+    """Runs other writers on one daemon thread, handing records over in batches.
 
-    Records are written in order. `close` drains the queue, then closes every writer
+    Records are buffered on the training thread and handed to the writer thread at most
+    once per `interval` seconds (and on `flush`/`close`). Each wake-up of a Python thread
+    competes with the training loop for the GIL, and a small model flushes dozens of
+    times a second, so waking once per record would cost more than the writing itself.
+    Records are written in order. `close` drains everything, then closes every writer
     even if one fails.
+
+    Args:
+        writers: Writers with `write(record)`, optional `flush()`, and `close()`.
+        interval: Most seconds a record waits before it is handed over.
     """
 
     _STOP = object()
 
-    def __init__(self, writers: list[Writer]) -> None:
+    def __init__(self, writers: list[Writer], interval: float = 1.0) -> None:
         self.writers = writers
+        self.interval = interval
+        self._buffer: list[SummaryRecord] = []
+        self._handed_at = time.monotonic()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="lossless_trainer-writer",
@@ -119,14 +138,21 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            if record is self._STOP:
+            item = self._queue.get()
+            if item is self._STOP:
                 return
+            if isinstance(item, threading.Event):  # a flush() waiting for the batch before
+                item.set()
+                continue
             if self._error is not None:
                 continue  # keep draining so close() does not hang
             try:
                 for writer in self.writers:
-                    writer.write(record)
+                    for record in item:
+                        writer.write(record)
+                    flush = getattr(writer, "flush", None)
+                    if flush is not None:
+                        flush()
             except BaseException as exc:  # surfaced on the training thread
                 self._error = exc
 
@@ -136,11 +162,29 @@ class BackgroundWriter:
             raise RuntimeError(f"writing summaries failed in the background: {error!r}") \
                 from error
 
+    def _hand_over(self) -> None:
+        if self._buffer:
+            self._queue.put(self._buffer)
+            self._buffer = []
+        self._handed_at = time.monotonic()
+
     def write(self, record: SummaryRecord) -> None:
         self._raise_pending()
-        self._queue.put(record)
+        self._buffer.append(record)
+        if time.monotonic() - self._handed_at >= self.interval:
+            self._hand_over()
+
+    def flush(self) -> None:
+        """Block until every record written so far is on disk (as far as the writers go)."""
+        self._hand_over()
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait()
+        self._raise_pending()
 
     def close(self) -> None:
+        self._hand_over()
         if self._thread.is_alive():
             self._queue.put(self._STOP)
             self._thread.join()
