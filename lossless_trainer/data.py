@@ -1,14 +1,22 @@
-"""Batches: moving them to the device, sizing them, and telling re-iterable data apart."""
+"""Batches: moving them to the device, sizing them, and iterating epochs resumably."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["batch_size", "is_one_shot", "move_to_device"]
+__all__ = [
+    "batch_size",
+    "is_one_shot",
+    "iterate_resumed_epoch",
+    "loader_generators",
+    "move_to_device",
+    "rebuild_loader",
+]
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -77,3 +85,106 @@ def is_one_shot(data: Iterable[Any]) -> bool:
     draw from the global RNG.
     """
     return isinstance(data, Iterator)
+
+
+def loader_generators(data: Any) -> list[torch.Generator]:
+    """The explicit `torch.Generator`s a DataLoader draws its order from, if any."""
+    if not isinstance(data, DataLoader):
+        return []
+    found: list[torch.Generator] = []
+    batch_sampler = data.batch_sampler
+    for owner in (data, data.sampler, getattr(batch_sampler, "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def rebuild_loader(loader: DataLoader, **overrides: Any) -> DataLoader:
+    """A new DataLoader like `loader` (dataset, collate, workers, pinning, generator...)
+    with some arguments replaced, for example its `batch_sampler` or `sampler`.
+
+    DataLoader forbids changing its sampler after construction, so resuming mid-epoch
+    and distributing a loader both go through here.
+    """
+    kwargs: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+    }
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    if hasattr(loader, "in_order"):
+        kwargs["in_order"] = loader.in_order
+    if "batch_sampler" not in overrides:
+        kwargs.update(batch_size=loader.batch_size, drop_last=loader.drop_last,
+                      sampler=loader.sampler)
+    kwargs.update(overrides)
+    return DataLoader(loader.dataset, **kwargs)
+
+
+class _SkipBatches(Sampler[list[int]]):
+    """Yields a batch sampler's index lists after dropping the first `skip`.
+
+    Only indices are skipped: no sample is loaded for the dropped batches. Once they are
+    dropped (the sampler has drawn its order for the epoch), `on_skipped` runs.
+    """
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int,
+                 on_skipped: Callable[[], None]) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+        self.on_skipped = on_skipped
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.skip, 0)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = iter(self.batch_sampler)
+        for _ in range(self.skip):
+            next(batches, None)
+        self.on_skipped()
+        yield from batches
+
+
+def iterate_resumed_epoch(data: Iterable[Any], skip: int,
+                          on_skipped: Callable[[], None]) -> Iterator[Any]:
+    """Iterate one epoch of `data` from its `skip`-th batch, as if the first `skip`
+    batches had just been consumed.
+
+    Call it with the RNG state the interrupted epoch started with. `on_skipped` runs once
+    the skipped part is behind, just before the first batch is fetched; it is where the
+    caller restores the RNG state of the moment the checkpoint was taken.
+
+    A map-style DataLoader skips at the batch-sampler level: the epoch's order is drawn
+    exactly as before and the skipped samples are never loaded. Any other iterable is
+    iterated and the skipped batches discarded, so they are read again.
+
+    Raises:
+        ValueError: the data ran out before `skip` batches.
+    """
+    if skip == 0:
+        on_skipped()
+        return iter(data)
+    if isinstance(data, DataLoader) and data.batch_sampler is not None \
+            and not isinstance(data.dataset, IterableDataset):
+        return iter(rebuild_loader(data, batch_sampler=_SkipBatches(data.batch_sampler, skip,
+                                                                     on_skipped)))
+    batches = iter(data)
+    for done in range(skip):
+        try:
+            next(batches)
+        except StopIteration:
+            raise ValueError(
+                f"resuming needs to skip the {skip} batches of this epoch that were already "
+                f"trained on, but the data ran out after {done}; it must yield the same "
+                "batches as in the interrupted run"
+            ) from None
+    on_skipped()
+    return batches

@@ -24,17 +24,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import checkpoint_path, prune_checkpoints, save_atomic
 from .data import batch_size
 from .errors import NonFiniteLossError
 from .summary import SummaryRecord
-from .writers import BackgroundWriter, format_scalars, stdout_is_terminal
+from .writers import format_scalars, stdout_is_terminal
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["Hook", "HookList", "LoggingHook", "ProgressHook"]
+__all__ = ["CheckpointHook", "Hook", "HookList", "LoggingHook", "ProgressHook"]
 
 logger = logging.getLogger("lossless_trainer")
 
@@ -51,10 +53,14 @@ class Hook:
     Attributes:
         priority: Lower runs earlier. User hooks default to 50; the built-in logging
             hook runs at 90, after them, so summaries they write in `after_step` land
-            in the same flush, and the progress display at 95.
+            in the same flush; checkpointing at 92, after the flush; the progress
+            display at 95.
+        state_key: Name of the hook's state in checkpoints. Default: the class name,
+            numbered when several hooks share it. Set it when hooks may be reordered.
     """
 
     priority: int = 50
+    state_key: str | None = None
 
     def before_train(self, trainer: Trainer) -> None:
         """Called once at the start of `fit`, with summaries active."""
@@ -113,6 +119,36 @@ class HookList:
         """The bound methods to call at `point`: only those hooks actually override."""
         return self._bound[point]
 
+    def keyed(self) -> dict[str, Hook]:
+        """Every hook under a unique, stable name: its `state_key`, or its class name,
+        with ``#2``, ``#3``... for the second and later hooks of the same name."""
+        keyed: dict[str, Hook] = {}
+        for hook in self.hooks:
+            base = getattr(hook, "state_key", None) or type(hook).__name__
+            key, n = base, 1
+            while key in keyed:
+                n += 1
+                key = f"{base}#{n}"
+            keyed[key] = hook
+        return keyed
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The state of every hook that has one, by unique name."""
+        return {key: state for key, hook in self.keyed().items() if (state := hook.state_dict())}
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        """Give each hook its saved state; warn about states no hook claims."""
+        keyed = self.keyed()
+        for key, state in states.items():
+            if key in keyed:
+                keyed[key].load_state_dict(state)
+            else:
+                warnings.warn(
+                    f"the checkpoint holds state for a hook {key!r} that this run does not "
+                    f"have (hooks now: {', '.join(keyed) or 'none'}); it is ignored",
+                    stacklevel=3,
+                )
+
     def teardown(self, point: str, *args: Any) -> list[BaseException]:
         """Call `point` on every hook; a failure is logged and does not stop the rest."""
         errors: list[BaseException] = []
@@ -136,17 +172,21 @@ class LoggingHook(Hook):
     priority = 90
 
     def __init__(self) -> None:
-        self.writers: BackgroundWriter | None = None
         self._tags: dict[str, str] = {}
         self._samples: int | None = 0
         self._window_start = 0.0
         self._window_steps = 0
 
     def before_train(self, trainer: Trainer) -> None:
-        self.writers = trainer.make_writers()
         self._window_start = time.perf_counter()
-        self._window_steps = 0
-        self._samples = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window_steps": self._window_steps,
+                "samples": -1 if self._samples is None else self._samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window_steps = state["window_steps"]
+        self._samples = None if state["samples"] < 0 else state["samples"]
 
     def after_step(self, trainer: Trainer) -> None:
         sink = trainer.sink
@@ -164,13 +204,8 @@ class LoggingHook(Hook):
             self.flush(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        try:
-            if self._window_steps:
-                self.flush(trainer)
-        finally:
-            if self.writers is not None:
-                self.writers.close()
-                self.writers = None
+        if self._window_steps:
+            self.flush(trainer)
 
     def flush(self, trainer: Trainer) -> None:
         record = trainer.sink.flush()
@@ -193,8 +228,8 @@ class LoggingHook(Hook):
         self._window_steps = 0
         self._samples = 0 if self._samples is not None else None
         trainer.last_summary = record
-        if self.writers is not None:
-            self.writers.write(record)
+        if trainer.writers is not None:
+            trainer.writers.write(record)
         _raise_if_nonfinite(record, self._tags)
 
 
@@ -210,6 +245,50 @@ def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> Non
             "the operation, torch.autograd.set_detect_anomaly(True)",
             bad,
         )
+
+
+class CheckpointHook(Hook):
+    """Saves checkpoints every `every` steps and when training ends without an error.
+
+    "Ends" includes a stop requested by a hook or by SIGTERM/SIGINT (preemption). Runs
+    after the logging hook, so the summary window is flushed first, and makes the
+    writers put everything flushed so far on disk before saving: a resumed run then
+    drops exactly the log entries written after its checkpoint.
+
+    Args:
+        every: Steps between checkpoints; None saves only when training ends.
+        keep_last: How many checkpoints to keep; older ones are deleted after a new one
+            is complete.
+    """
+
+    priority = 92
+
+    def __init__(self, every: int | None, keep_last: int) -> None:
+        self.every = every
+        self.keep_last = keep_last
+        self.last_saved: int | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.last_saved = trainer.state.step if trainer.resumed_from else None
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.every is not None and trainer.state.step % self.every == 0:
+            self.save(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.exception is None and self.last_saved != trainer.state.step:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> str:
+        """Write a checkpoint of the current step; return its path."""
+        if trainer.writers is not None:
+            trainer.writers.flush()
+        path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
+        save_atomic(trainer.state_dict(), path)
+        prune_checkpoints(trainer.checkpoint_dir, self.keep_last)
+        self.last_saved = trainer.state.step
+        logger.info("saved checkpoint %s", path)
+        return path
 
 
 class ProgressHook(Hook):

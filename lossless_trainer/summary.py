@@ -263,6 +263,23 @@ class SummarySink:
         device synchronisation per device, whatever the number of tags and steps.
         """
         record = SummaryRecord(step=self.step)
+        for tag, (total, count, first_bad) in self._totals().items():
+            record.scalars[tag] = total / count
+            record.counts[tag] = count
+            if first_bad is not None:
+                record.nonfinite[tag] = first_bad
+        for kind, tag, value, step in self._others.values():
+            if kind == "image":
+                value = (value[0].cpu(), value[1])
+            elif kind == "histogram":
+                value = value.cpu()
+            record.others.append((kind, tag, value, step))
+        self._scalars = {}
+        self._others = {}
+        return record
+
+    def _totals(self) -> dict[str, tuple[float, int, int | None]]:
+        """Sum, count and first non-finite step of every pending scalar tag."""
         stacks: dict[torch.device, list[torch.Tensor]] = {}
         plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int]] = []
         for tag, window in self._scalars.items():
@@ -275,38 +292,47 @@ class SummarySink:
             plan.append((tag, window, stack, len(stack)))
             stack.extend(parts)
         host = {id(stack): torch.stack(stack).tolist() for stack in stacks.values()}
+        totals: dict[str, tuple[float, int, int | None]] = {}
         for tag, window, stack, start in plan:
-            total, count, bad_steps = window.py_sum, window.py_count, []
-            if window.py_first_bad is not None:
-                bad_steps.append(window.py_first_bad)
+            # Added one by one, in order, so a window split by a checkpoint and resumed
+            # sums to exactly the same float as an uninterrupted one.
+            total, count = window.py_sum, window.py_count
+            bad_steps = [] if window.py_first_bad is None else [window.py_first_bad]
             if stack is not None:
                 numbers_ = host[id(stack)]
-                pending = numbers_[start:start + len(window.values)]
-                total += sum(pending)
-                count += len(pending)
-                for i, value in enumerate(pending):
-                    if not math.isfinite(value):
+                end = start + len(window.values)
+                for i, value in enumerate(numbers_[start:end]):
+                    total += value
+                    if not bad_steps and not math.isfinite(value):
                         bad_steps.append(window.steps[window.offset + i])
-                        break
+                count += len(window.values)
                 if window.total is not None:
-                    folded_sum, folded_bad = numbers_[start + len(pending):start + len(pending) + 2]
+                    folded_sum, folded_bad = numbers_[end:end + 2]
                     total += folded_sum
                     count += window.offset
                     if folded_bad != math.inf:
                         bad_steps.append(window.steps[int(folded_bad)])
-            record.scalars[tag] = total / count
-            record.counts[tag] = count
-            if bad_steps:
-                record.nonfinite[tag] = min(bad_steps)
-        for kind, tag, value, step in self._others.values():
-            if kind == "image":
-                value = (value[0].cpu(), value[1])
-            elif kind == "histogram":
-                value = value.cpu()
-            record.others.append((kind, tag, value, step))
+            totals[tag] = (total, count, min(bad_steps) if bad_steps else None)
+        return totals
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pending window, reduced to plain numbers, for a checkpoint.
+
+        Costs one device synchronisation. Histograms, images and text are not kept: they
+        only exist on summary steps, which are flushed before a checkpoint is taken.
+        """
+        return {"scalars": {tag: {"sum": total, "count": count,
+                                  "first_bad": -1 if first_bad is None else first_bad}
+                            for tag, (total, count, first_bad) in self._totals().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a pending window saved by `state_dict`."""
         self._scalars = {}
-        self._others = {}
-        return record
+        for tag, saved in state["scalars"].items():
+            window = self._scalars[tag] = _ScalarWindow()
+            window.py_sum = saved["sum"]
+            window.py_count = saved["count"]
+            window.py_first_bad = None if saved["first_bad"] < 0 else saved["first_bad"]
 
 
 def _infer_kind(tag: str, value: Any) -> str:

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .data import is_one_shot, move_to_device
+from .checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest_valid,
+    remove_stale_temporaries,
+    restore_rng,
+)
+from .data import is_one_shot, iterate_resumed_epoch, loader_generators, move_to_device
 from .errors import NonFiniteLossError
-from .hooks import Hook, HookList, LoggingHook, ProgressHook
+from .hooks import CheckpointHook, Hook, HookList, LoggingHook, ProgressHook, logger
 from .model import check_losses
 from .summary import SummaryRecord, SummarySink
 from .writers import BackgroundWriter, JSONLinesWriter, TensorBoardWriter
@@ -76,6 +89,16 @@ class Trainer:
             raises at the next flush, with no per-step sync. ``"step"`` checks every step
             before the optimizer step (one sync per step), so a non-finite loss never
             updates the weights.
+        checkpoint_every: Save a checkpoint every this many steps. A checkpoint is always
+            saved when training ends without an error (including on SIGTERM/SIGINT).
+        keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``.
+        resume: ``"auto"`` continues from the newest valid checkpoint in the run directory
+            if there is one, else starts fresh. ``False`` starts fresh (and refuses a run
+            directory that already holds checkpoints). A path resumes from that file.
+        handle_signals: During `fit`, turn the first SIGTERM or SIGINT into a clean stop:
+            the current step finishes, a checkpoint is saved, summaries are flushed, and
+            `fit` returns with ``stop_reason`` set to the signal's name. A second SIGINT
+            aborts at once. Only in the main thread.
     """
 
     def __init__(
@@ -93,6 +116,10 @@ class Trainer:
         callbacks: Sequence[Hook] = (),
         progress: bool = True,
         finite_check: Literal["flush", "step"] = "flush",
+        checkpoint_every: int | None = None,
+        keep_last: int = 3,
+        resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
+        handle_signals: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +131,10 @@ class Trainer:
         _check_positive("max_steps", max_steps, allow_none=True)
         _check_positive("max_epochs", max_epochs, allow_none=True)
         _check_positive("log_every", log_every)
+        _check_positive("checkpoint_every", checkpoint_every, allow_none=True)
+        _check_positive("keep_last", keep_last)
+        if resume is not False and not isinstance(resume, (str, os.PathLike)):
+            raise ValueError(f"resume must be 'auto', False or a checkpoint path, got {resume!r}")
         if finite_check not in ("flush", "step"):
             raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
         if is_one_shot(data) and max_epochs is not None and max_epochs > 1:
@@ -127,6 +158,9 @@ class Trainer:
         self.log_every = log_every
         self.seed = seed
         self.finite_check = finite_check
+        self.checkpoint_dir = os.path.join(self.log_dir, "checkpoints")
+        self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
+        self.handle_signals = handle_signals
 
         self.state = TrainState()
         self.sink = SummarySink()
@@ -135,14 +169,21 @@ class Trainer:
         self.losses: dict[str, torch.Tensor] = {}
         self.total_loss: torch.Tensor | None = None
         self.last_summary: SummaryRecord | None = None
+        # Set during fit: the writers, the checkpoint resumed from, the error fit raises.
+        self.writers: BackgroundWriter | None = None
+        self.resumed_from: str | None = None
+        self.exception: BaseException | None = None
 
-        builtin: list[Hook] = [LoggingHook()]
+        builtin: list[Hook] = [LoggingHook(), CheckpointHook(checkpoint_every, keep_last)]
         if progress:
             builtin.append(ProgressHook())
         self.hooks = HookList([*builtin, *callbacks])
         self._after_backward = self.hooks.bound("after_backward")
         self._stop_request: str | None = None
         self._model_name = type(model).__name__
+        self._resume_checked = False
+        self._epoch_rng: dict[str, Any] | None = None  # RNG as the current epoch began
+        self._pending_rng: dict[str, Any] | None = None  # set by load_state_dict
 
     @property
     def total_steps(self) -> int | None:
@@ -157,22 +198,74 @@ class Trainer:
         """Ask `fit` to stop after the current step. Hooks call this (early stopping)."""
         self._stop_request = reason
 
-    def make_writers(self) -> BackgroundWriter:
-        """The writers summaries go to. Extension point: override to add or replace sinks."""
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a hook or a signal asked training to stop after the current step."""
+        return self._stop_request is not None
+
+    def make_writers(self, start_step: int) -> BackgroundWriter:
+        """The writers summaries go to. Extension point: override to add or replace sinks.
+
+        Args:
+            start_step: The step training continues from (0 when fresh). Whatever an
+                earlier run logged after it is dropped, so no step appears twice.
+        """
         os.makedirs(self.log_dir, exist_ok=True)
         return BackgroundWriter([
-            TensorBoardWriter(self.log_dir),
-            JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl")),
+            TensorBoardWriter(self.log_dir, purge_step=start_step + 1),
+            JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl"), keep_until=start_step),
         ])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue as if nothing happened; tensors and plain values.
+
+        Model, optimizer, counters, the RNG states (now, and as the current epoch
+        began), the data position, hook states and the pending summary window.
+        """
+        data_state = self.data.state_dict() if _is_stateful(self.data) else None
+        return {
+            "format": FORMAT_VERSION,
+            "trainer": {"step": self.state.step, "epoch": self.state.epoch,
+                        "batch_in_epoch": self.state.batch_in_epoch},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"epoch_start": self._epoch_rng, "now": capture_rng()},
+            "data": data_state,
+            "hooks": self.hooks.state_dict(),
+            "summary": self.sink.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned. RNG states and the data position are
+        applied when the next epoch's iteration starts in `fit`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        counters = state["trainer"]
+        self.state = TrainState(step=counters["step"], epoch=counters["epoch"],
+                                batch_in_epoch=counters["batch_in_epoch"])
+        if state["data"] is not None and _is_stateful(self.data):
+            self.data.load_state_dict(state["data"])
+        self.hooks.load_state_dict(state["hooks"])
+        self.sink.load_state_dict(state["summary"])
+        self._pending_rng = state["rng"]
 
     def fit(self) -> TrainState:
         """Train until `max_steps` or `max_epochs` (see the class docs) or a stop request.
 
+        With ``resume="auto"`` (the default) a run directory holding checkpoints is
+        continued from the newest valid one, bit-identically to an uninterrupted run.
+
         Returns:
-            The final `TrainState`; its `stop_reason` says why training ended.
+            The final `TrainState`. Its `stop_reason` says why training ended; after a
+            SIGTERM or SIGINT it is ``"SIGTERM"`` or ``"SIGINT"``, and a checkpoint of
+            the last completed step has been saved.
         """
         if self.seed is not None:
             seed_everything(self.seed)
+        if not self._resume_checked:
+            self._resume_checked = True
+            self._resume()
+        self.exception = None
         self.state.stop_reason = self._stop_request = None
         hooks, state, sink = self.hooks, self.state, self.sink
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
@@ -181,18 +274,22 @@ class Trainer:
         # The last step is a summary step too, so media written there are kept.
         last_step = self.total_steps or max_steps
         self.model.train()
-        with self.sink.activate():
+        self.writers = self.make_writers(state.step)
+        errors: list[BaseException] = []
+        with self.sink.activate(), self._stop_on_signals():
             try:
                 hooks.call("before_train", self)
                 while state.stop_reason is None:
-                    if state.step >= max_steps:
+                    if self._stop_request is not None:
+                        state.stop_reason = self._stop_request
+                    elif state.step >= max_steps:
                         state.stop_reason = "max_steps"
-                        break
-                    if state.epoch >= max_epochs:
+                    elif state.epoch >= max_epochs:
                         state.stop_reason = "max_epochs"
+                    if state.stop_reason is not None:
                         break
                     hooks.call("before_epoch", self)
-                    for batch in self.data:
+                    for batch in self._epoch_batches():
                         step = state.step + 1
                         sink.begin_step(step, step % self.log_every == 0 or step == last_step)
                         self.batch = batch
@@ -209,15 +306,103 @@ class Trainer:
                     else:
                         self._end_epoch(max_steps)
             except BaseException as exc:
+                self.exception = exc
                 self.batch = None
                 self.hooks.teardown("on_exception", self, exc)
                 self.hooks.teardown("after_train", self)  # failures logged; exc wins
+                self._close_writers()
                 raise
             self.batch = None
             errors = self.hooks.teardown("after_train", self)
+            errors += self._close_writers()
         if errors:
             raise errors[0]
         return self.state
+
+    def _close_writers(self) -> list[BaseException]:
+        writers, self.writers = self.writers, None
+        try:
+            if writers is not None:
+                writers.close()
+        except Exception as exc:
+            logger.error("closing the summary writers failed", exc_info=exc)
+            return [exc]
+        return []
+
+    def _resume(self) -> None:
+        """Load the checkpoint `resume` points to, if any."""
+        if self.resume is False:
+            existing = list_checkpoints(self.checkpoint_dir)
+            if existing:
+                raise ValueError(
+                    f"resume=False but {self.checkpoint_dir} already holds "
+                    f"{len(existing)} checkpoint(s) of an earlier run; starting fresh there "
+                    "would mix the two runs. Use another log_dir, delete them, or resume"
+                )
+            return
+        if self.resume == "auto":
+            found = load_newest_valid(self.checkpoint_dir)
+            if found is None:
+                return
+            path, state = found
+        else:
+            path, state = self.resume, load_checkpoint(self.resume)
+        remove_stale_temporaries(self.checkpoint_dir)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this run: {exc}. Was it written by a "
+                "different model, optimizer or script?"
+            ) from exc
+        self.resumed_from = path
+        logger.warning("resumed from %s at step %d", path, self.state.step)
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """An iterator over this epoch's batches; after a resume, from where it stopped."""
+        pending, self._pending_rng = self._pending_rng, None
+        generators = loader_generators(self.data)
+        if pending is not None:
+            skip = self.state.batch_in_epoch
+            if skip == 0 or _is_stateful(self.data) or pending["epoch_start"] is None:
+                restore_rng(pending["now"])  # the data restores its own position, or none
+            else:
+                epoch_start = pending["epoch_start"]
+                restore_rng(epoch_start["global"])
+                for generator, saved in zip(generators, epoch_start["generators"]):
+                    generator.set_state(saved)
+                self._epoch_rng = epoch_start
+                return iterate_resumed_epoch(self.data, skip,
+                                             lambda: restore_rng(pending["now"]))
+        self._epoch_rng = {"global": capture_rng(),
+                           "generators": [g.get_state() for g in generators]}
+        return iter(self.data)
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        received: list[str] = []
+
+        def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
+            if received and signum == signal.SIGINT:
+                raise KeyboardInterrupt(f"second signal ({name}): aborting without a checkpoint")
+            if received:
+                return
+            received.append(name)
+            print(f"[lossless_trainer] {name} received: finishing step {self.state.step + 1}, "
+                  "then saving a checkpoint. Press Ctrl-C again to abort.",
+                  file=sys.stderr, flush=True)
+            self.request_stop(name)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _end_epoch(self, max_steps: int) -> None:
         if self.state.batch_in_epoch == 0:
@@ -270,6 +455,12 @@ class Trainer:
             "the weights are those of the previous step",
             bad,
         )
+
+
+def _is_stateful(data: Any) -> bool:
+    """Data that saves and restores its own position (e.g. torchdata's StatefulDataLoader)."""
+    return callable(getattr(data, "state_dict", None)) and callable(
+        getattr(data, "load_state_dict", None))
 
 
 def seed_everything(seed: int) -> None:

@@ -87,10 +87,18 @@ class JSONLinesWriter:
 
     Non-finite values are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``, so
     every line stays valid JSON.
+
+    Args:
+        path: The file; created if missing.
+        keep_until: When continuing a run from this step, lines of later steps (written
+            by the interrupted run after its checkpoint) and a torn last line are removed
+            first, atomically, so the file holds each step once.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], keep_until: int | None = None) -> None:
         self.path = os.fspath(path)
+        if keep_until is not None and os.path.exists(self.path):
+            _truncate_jsonl(self.path, keep_until)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, record: SummaryRecord) -> None:
@@ -106,6 +114,24 @@ class JSONLinesWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _truncate_jsonl(path: str, keep_until: int) -> None:
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a crash
+            if step <= keep_until:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class BackgroundWriter:

@@ -46,6 +46,13 @@ def quiet(tmp_path):
     return {"log_dir": str(tmp_path / "run"), "progress": False}
 
 
+@pytest.fixture
+def fresh(tmp_path):
+    """Like `quiet`, but a new run directory at every call, for several runs in one test."""
+    counter = iter(range(1000))
+    return lambda: {"log_dir": str(tmp_path / f"run{next(counter)}"), "progress": False}
+
+
 def read_metrics(log_dir: str) -> list[dict]:
     """The run's metrics.jsonl, one dict per flush."""
     with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:

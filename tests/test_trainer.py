@@ -84,18 +84,18 @@ def test_generator_with_several_epochs_is_an_error_before_training(quiet):
     assert not os.path.exists(quiet["log_dir"])
 
 
-def test_generator_is_consumed_until_exhausted(quiet):
+def test_generator_is_consumed_until_exhausted(fresh):
     def gen():
         yield from make_batches(7)
 
-    state = Trainer(TinyClassifier(), gen(), **quiet).fit()
+    state = Trainer(TinyClassifier(), gen(), **fresh()).fit()
     assert (state.step, state.stop_reason) == (7, "data_exhausted")
 
     with pytest.warns(UserWarning, match="exhausted after 7 steps, before max_steps=100"):
-        state = Trainer(TinyClassifier(), gen(), max_steps=100, **quiet).fit()
+        state = Trainer(TinyClassifier(), gen(), max_steps=100, **fresh()).fit()
     assert state.step == 7
 
-    state = Trainer(TinyClassifier(), gen(), max_steps=3, **quiet).fit()
+    state = Trainer(TinyClassifier(), gen(), max_steps=3, **fresh()).fit()
     assert (state.step, state.stop_reason) == (3, "max_steps")
 
 
@@ -135,14 +135,14 @@ def test_optimizer_factory_and_validation(quiet, batches):
         Trainer(TinyClassifier(), batches, optimizer="adam", **quiet)
 
 
-def test_seed_makes_runs_repeatable(quiet):
+def test_seed_makes_runs_repeatable(fresh):
     loader = DataLoader(TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,))),
                         batch_size=8, shuffle=True)
 
     def run(seed):
         torch.manual_seed(0)
         model = TinyClassifier(dropout=0.5)
-        Trainer(model, loader, seed=seed, max_epochs=2, **quiet).fit()
+        Trainer(model, loader, seed=seed, max_epochs=2, **fresh()).fit()
         return _params(model)
 
     a, b, c = run(5), run(5), run(6)
@@ -308,7 +308,7 @@ def test_callbacks_must_be_hooks(quiet, batches):
         Trainer(TinyClassifier(), batches, callbacks=[lambda t: None], **quiet)
 
 
-def test_training_step_makes_no_per_step_sync(quiet, monkeypatch):
+def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
     """Only the flush converts tensors to numbers: one tolist() per flush, nothing per step."""
     calls = {"item": 0, "bool": 0, "float": 0, "tolist": 0}
     for name, attr in [("item", "item"), ("bool", "__bool__"), ("float", "__float__"),
@@ -322,10 +322,10 @@ def test_training_step_makes_no_per_step_sync(quiet, monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, counting)
 
     sgd = functools.partial(torch.optim.SGD, lr=0.1)  # AdamW reads its CPU step counter
-    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, **quiet).fit()
+    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, **fresh()).fit()
     assert calls == {"item": 0, "bool": 0, "float": 0, "tolist": 3}
 
     calls.update(dict.fromkeys(calls, 0))
     Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10,
-            finite_check="step", **quiet).fit()
+            finite_check="step", **fresh()).fit()
     assert calls["bool"] == 30  # strict mode: exactly one check per step

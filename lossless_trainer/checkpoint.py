@@ -1,0 +1,214 @@
+"""Checkpoint files: atomic writes, safe loads, finding the newest valid one, pruning.
+
+A checkpoint is one ``torch.save`` file holding only tensors and plain containers, so it
+loads with ``torch.load(weights_only=True)``: loading can never run code. Files are named
+``step-<step>.pt`` (nine digits) in ``<log_dir>/checkpoints/``.
+
+Assumptions: one process writes a directory at a time (rank 0 under DDP); the file
+system honours ``os.replace`` atomically and ``fsync`` durably (local disks and most
+network file systems do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import tempfile
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "capture_rng",
+    "checkpoint_path",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_newest_valid",
+    "prune_checkpoints",
+    "remove_stale_temporaries",
+    "restore_rng",
+    "save_atomic",
+]
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d+)\.pt$")
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit the run. Names the file."""
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    """Where the checkpoint of `step` lives in `directory`."""
+    return os.path.join(directory, f"step-{step:09d}.pt")
+
+
+def list_checkpoints(directory: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every checkpoint in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _NAME.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def save_atomic(state: dict[str, Any], path: str) -> None:
+    """Write `state` to `path` so that a crash at any instant leaves either the old
+    file or the complete new one, never a partial file under the final name.
+
+    Writes a temporary file in the same directory, flushes and fsyncs it, renames it
+    over `path` with `os.replace`, then fsyncs the directory so the rename is durable.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load one checkpoint safely (``weights_only=True``), onto the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, holds objects that are
+            not tensors or plain containers, or is not a lossless_trainer checkpoint.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {_short(exc)}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} is not a lossless_trainer checkpoint of format "
+            f"{FORMAT_VERSION}"
+        )
+    return state
+
+
+def load_newest_valid(directory: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint in `directory` that loads, with its path.
+
+    A newer file that fails to load (truncated by a crash, corrupt, unsafe) gives a
+    warning naming it, and the previous one is tried.
+
+    Returns:
+        None if the directory holds no checkpoint at all.
+
+    Raises:
+        CheckpointError: checkpoints exist but none of them loads.
+    """
+    candidates = list_checkpoints(directory)
+    failures = []
+    for _, path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
+    if failures:
+        raise CheckpointError(
+            f"no valid checkpoint in {directory}: " + "; ".join(failures)
+            + ". Move the directory aside to start fresh, or pass resume=False"
+        )
+    return None
+
+
+def prune_checkpoints(directory: str, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints. Run after a save completed."""
+    for _, path in list_checkpoints(directory)[:-keep_last]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete temporary files a killed save left behind. Call before writing starts."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(_TMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, name))
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG state, as tensors and plain containers."""
+    state: dict[str, Any] = {"python": _python_rng_to_plain(random.getstate()),
+                             "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")),
+                          "pos": int(pos), "has_gauss": int(has_gauss),
+                          "gauss": float(gauss)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set every global RNG to a state from `capture_rng`."""
+    random.setstate(_python_rng_from_plain(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        numpy_state = state["numpy"]
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype("uint32"),
+                             numpy_state["pos"], numpy_state["has_gauss"],
+                             numpy_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) != torch.cuda.device_count():
+            raise CheckpointError(
+                f"the checkpoint holds RNG states for {len(states)} CUDA devices, this "
+                f"process sees {torch.cuda.device_count()}"
+            )
+        torch.cuda.set_rng_state_all(states)
+
+
+def _python_rng_to_plain(state: tuple[Any, ...]) -> dict[str, Any]:
+    version, internal, gauss = state
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss}
+
+
+def _python_rng_from_plain(state: dict[str, Any]) -> tuple[Any, ...]:
+    return (state["version"], tuple(state["internal"].tolist()), state["gauss"])
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
