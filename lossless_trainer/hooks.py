@@ -208,7 +208,9 @@ class LoggingHook(Hook):
             self.flush(trainer)
 
     def flush(self, trainer: Trainer) -> None:
-        record = trainer.sink.flush()
+        # The last completed step: after a failed step, its partial window is still
+        # written, at the step before it.
+        record = trainer.sink.flush(trainer.state.step)
         # loss/total is derived, not stored per step: the window's summed losses over its
         # steps. Exact also when an optional loss is missing from some steps.
         window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()

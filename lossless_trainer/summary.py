@@ -256,13 +256,16 @@ class SummarySink:
             window = self._scalars[tag] = _ScalarWindow()
         window.add_number(value, self.step)
 
-    def flush(self) -> SummaryRecord:
+    def flush(self, step: int | None = None) -> SummaryRecord:
         """End the window: average every scalar, move the rest to the CPU, and reset.
 
         All pending tensors on one device are stacked and transferred together: one
         device synchronisation per device, whatever the number of tags and steps.
+
+        Args:
+            step: The step to write the window at. Default: the current step.
         """
-        record = SummaryRecord(step=self.step)
+        record = SummaryRecord(step=self.step if step is None else step)
         for tag, (total, count, first_bad) in self._totals().items():
             record.scalars[tag] = total / count
             record.counts[tag] = count

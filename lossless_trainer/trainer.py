@@ -91,7 +91,8 @@ class Trainer:
             updates the weights.
         checkpoint_every: Save a checkpoint every this many steps. A checkpoint is always
             saved when training ends without an error (including on SIGTERM/SIGINT).
-        keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``.
+        keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``. ``0`` writes none
+            (an existing one is still resumed from).
         resume: ``"auto"`` continues from the newest valid checkpoint in the run directory
             if there is one, else starts fresh. ``False`` starts fresh (and refuses a run
             directory that already holds checkpoints). A path resumes from that file.
@@ -132,7 +133,10 @@ class Trainer:
         _check_positive("max_epochs", max_epochs, allow_none=True)
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, allow_none=True)
-        _check_positive("keep_last", keep_last)
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+        if keep_last == 0 and checkpoint_every is not None:
+            raise ValueError("checkpoint_every is set but keep_last=0 keeps no checkpoint")
         if resume is not False and not isinstance(resume, (str, os.PathLike)):
             raise ValueError(f"resume must be 'auto', False or a checkpoint path, got {resume!r}")
         if finite_check not in ("flush", "step"):
@@ -174,7 +178,9 @@ class Trainer:
         self.resumed_from: str | None = None
         self.exception: BaseException | None = None
 
-        builtin: list[Hook] = [LoggingHook(), CheckpointHook(checkpoint_every, keep_last)]
+        builtin: list[Hook] = [LoggingHook()]
+        if keep_last:
+            builtin.append(CheckpointHook(checkpoint_every, keep_last))
         if progress:
             builtin.append(ProgressHook())
         self.hooks = HookList([*builtin, *callbacks])
