@@ -16,6 +16,7 @@ __all__ = [
     "loader_generators",
     "move_to_device",
     "rebuild_loader",
+    "start_epoch",
 ]
 
 
@@ -33,8 +34,11 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
             return batch
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, (list, tuple)):
-        if all(type(item) is torch.Tensor and item.device == device for item in batch):
-            return batch  # the common (inputs, targets) case, already in place
+        for item in batch:  # fast path: (inputs, targets) already on the device
+            if type(item) is not torch.Tensor or item.device != device:
+                break
+        else:
+            return batch
         moved = [move_to_device(item, device) for item in batch]
         if all(new is old for new, old in zip(moved, batch)):
             return batch  # already there: skip rebuilding the container
@@ -153,7 +157,34 @@ class _SkipBatches(Sampler[list[int]]):
         yield from batches
 
 
-def iterate_resumed_epoch(data: Iterable[Any], skip: int,
+def start_epoch(data: Iterable[Any], epoch: int, first_in_process: bool) -> Iterator[Any]:
+    """``iter(data)`` for `epoch`, drawing from the RNG exactly as an uninterrupted run would.
+
+    A DataLoader with persistent workers draws its workers' base seed only when its
+    first epoch starts; later epochs reuse the workers. A resumed run starting at a
+    later epoch would draw it again and shift the RNG stream, so that draw goes to a
+    throwaway generator. (The workers' own seeds then differ from the original run's;
+    see docs/checkpoints.md.)
+    """
+    if not (first_in_process and epoch > 0 and _persistent(data)):
+        return iter(data)
+    return _iter_with_throwaway_base_seed(data)  # type: ignore[arg-type]
+
+
+def _persistent(data: Any) -> bool:
+    return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
+
+
+def _iter_with_throwaway_base_seed(loader: DataLoader) -> Iterator[Any]:
+    saved = loader.generator
+    loader.generator = torch.Generator()
+    try:
+        return iter(loader)
+    finally:
+        loader.generator = saved
+
+
+def iterate_resumed_epoch(data: Iterable[Any], skip: int, epoch: int,
                           on_skipped: Callable[[], None]) -> Iterator[Any]:
     """Iterate one epoch of `data` from its `skip`-th batch, as if the first `skip`
     batches had just been consumed.
@@ -169,14 +200,17 @@ def iterate_resumed_epoch(data: Iterable[Any], skip: int,
     Raises:
         ValueError: the data ran out before `skip` batches.
     """
-    if skip == 0:
-        on_skipped()
-        return iter(data)
     if isinstance(data, DataLoader) and data.batch_sampler is not None \
             and not isinstance(data.dataset, IterableDataset):
-        return iter(rebuild_loader(data, batch_sampler=_SkipBatches(data.batch_sampler, skip,
-                                                                     on_skipped)))
-    batches = iter(data)
+        # A one-epoch loader: its workers need not persist. It draws a worker base seed
+        # when it starts, as the original did unless its workers persisted from an
+        # earlier epoch; then a throwaway generator takes that draw.
+        reused_workers = _persistent(data) and epoch > 0
+        return iter(rebuild_loader(
+            data, batch_sampler=_SkipBatches(data.batch_sampler, skip, on_skipped),
+            persistent_workers=False,
+            generator=torch.Generator() if reused_workers else data.generator))
+    batches = start_epoch(data, epoch, first_in_process=True)
     for done in range(skip):
         try:
             next(batches)

@@ -78,7 +78,10 @@ def write_summary(
     if sink is None:
         return
     prefix = _PREFIX.get()
-    sink.put(prefix + name if prefix else name, value, kind, dataformats)
+    if kind is None and type(value) is torch.Tensor and value.ndim == 0:
+        sink.put_scalar(prefix + name if prefix else name, value)  # the common case, direct
+    else:
+        sink.put(prefix + name if prefix else name, value, kind, dataformats)
 
 
 def is_summary_step() -> bool:

@@ -27,7 +27,13 @@ from .checkpoint import (
     remove_stale_temporaries,
     restore_rng,
 )
-from .data import is_one_shot, iterate_resumed_epoch, loader_generators, move_to_device
+from .data import (
+    is_one_shot,
+    iterate_resumed_epoch,
+    loader_generators,
+    move_to_device,
+    start_epoch,
+)
 from .errors import NonFiniteLossError
 from .hooks import CheckpointHook, Hook, HookList, LoggingHook, ProgressHook, logger
 from .model import check_losses
@@ -190,6 +196,7 @@ class Trainer:
         self._resume_checked = False
         self._epoch_rng: dict[str, Any] | None = None  # RNG as the current epoch began
         self._pending_rng: dict[str, Any] | None = None  # set by load_state_dict
+        self._data_started = False  # whether this process has iterated `data` yet
 
     @property
     def total_steps(self) -> int | None:
@@ -297,7 +304,8 @@ class Trainer:
                     hooks.call("before_epoch", self)
                     for batch in self._epoch_batches():
                         step = state.step + 1
-                        sink.begin_step(step, step % self.log_every == 0 or step == last_step)
+                        sink.step = step  # inlined SummarySink.begin_step
+                        sink.writing = step % self.log_every == 0 or step == last_step
                         self.batch = batch
                         for hook in before_step:
                             hook(self)
@@ -368,6 +376,8 @@ class Trainer:
         """An iterator over this epoch's batches; after a resume, from where it stopped."""
         pending, self._pending_rng = self._pending_rng, None
         generators = loader_generators(self.data)
+        first_in_process, self._data_started = not self._data_started, True
+        epoch = self.state.epoch
         if pending is not None:
             skip = self.state.batch_in_epoch
             if skip == 0 or _is_stateful(self.data) or pending["epoch_start"] is None:
@@ -378,11 +388,13 @@ class Trainer:
                 for generator, saved in zip(generators, epoch_start["generators"]):
                     generator.set_state(saved)
                 self._epoch_rng = epoch_start
-                return iterate_resumed_epoch(self.data, skip,
+                # The rebuilt loader of this epoch does not start `self.data` itself.
+                self._data_started = False
+                return iterate_resumed_epoch(self.data, skip, epoch,
                                              lambda: restore_rng(pending["now"]))
         self._epoch_rng = {"global": capture_rng(),
                            "generators": [g.get_state() for g in generators]}
-        return iter(self.data)
+        return start_epoch(self.data, epoch, first_in_process)
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:

@@ -21,18 +21,21 @@ from lossless_trainer.checkpoint import (
 from lossless_trainer.writers import JSONLinesWriter
 
 
-def loader() -> DataLoader:
+def loader(num_workers: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(3)
     data = TensorDataset(torch.randn(60, 16, generator=g), torch.randint(0, 4, (60,), generator=g))
-    return DataLoader(data, batch_size=8, shuffle=True)  # 8 batches, the last one short
+    # 8 batches, the last one short
+    return DataLoader(data, batch_size=8, shuffle=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
 
 
-def train(log_dir, max_steps=24, **kwargs) -> tuple[Trainer, TinyClassifier]:
+def train(log_dir, max_steps=24, num_workers=0, **kwargs) -> tuple[Trainer, TinyClassifier]:
     torch.manual_seed(0)
     model = TinyClassifier(dropout=0.3)
     options = {"checkpoint_every": 6, "log_every": 4, "seed": 1, "progress": False,
                "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2), **kwargs}
-    trainer = Trainer(model, loader(), max_steps=max_steps, log_dir=str(log_dir), **options)
+    trainer = Trainer(model, loader(num_workers), max_steps=max_steps, log_dir=str(log_dir),
+                      **options)
     trainer.fit()
     return trainer, model
 
@@ -43,13 +46,28 @@ def same_params(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("ref") / "run"
-    _, model = train(log_dir)
-    return model, read_metrics(str(log_dir))
+def references(tmp_path_factory):
+    """Uninterrupted runs, by number of DataLoader workers (which changes RNG use)."""
+    cache: dict[int, tuple[TinyClassifier, list[dict]]] = {}
+
+    def get(num_workers: int = 0):
+        if num_workers not in cache:
+            log_dir = tmp_path_factory.mktemp("ref") / "run"
+            _, model = train(log_dir, num_workers=num_workers)
+            cache[num_workers] = (model, read_metrics(str(log_dir)))
+        return cache[num_workers]
+
+    return get
 
 
-def test_crash_mid_window_resumes_with_identical_weights_and_logs(tmp_path, uninterrupted):
+@pytest.fixture
+def uninterrupted(references):
+    return references(0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_crash_mid_window_resumes_with_identical_weights_and_logs(tmp_path, references,
+                                                                  num_workers):
     """A crash in step 10: the checkpoint of step 6 sits inside the summary window 5..8."""
 
     class CrashOnce(Hook):
@@ -61,14 +79,14 @@ def test_crash_mid_window_resumes_with_identical_weights_and_logs(tmp_path, unin
                 raise RuntimeError("node failure")
 
     with pytest.raises(RuntimeError, match="node failure"):
-        train(tmp_path, callbacks=[CrashOnce()])
+        train(tmp_path, callbacks=[CrashOnce()], num_workers=num_workers)
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [6]
     # the partial window (step 9) was not lost, and is logged at the last completed step
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [4, 8, 9]
 
-    trainer, model = train(tmp_path, callbacks=[CrashOnce()])
+    trainer, model = train(tmp_path, callbacks=[CrashOnce()], num_workers=num_workers)
     assert trainer.resumed_from.endswith("step-000000006.pt")
-    ref_model, ref_metrics = uninterrupted
+    ref_model, ref_metrics = references(num_workers)
     assert same_params(model, ref_model)
     metrics = read_metrics(str(tmp_path))
     assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == [4, 8, 12, 16,
