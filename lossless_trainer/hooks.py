@@ -182,11 +182,15 @@ class LoggingHook(Hook):
 
     def state_dict(self) -> dict[str, Any]:
         return {"window_steps": self._window_steps,
-                "samples": -1 if self._samples is None else self._samples}
+                "samples": -1 if self._samples is None else self._samples,
+                "loss_keys": list(self._tags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._window_steps = state["window_steps"]
         self._samples = None if state["samples"] < 0 else state["samples"]
+        # Loss keys seen so far, so an optional loss missing since the checkpoint still
+        # counts in loss/total and in the non-finite check of the window.
+        self._tags = {key: f"loss/{key}" for key in state["loss_keys"]}
 
     def after_step(self, trainer: Trainer) -> None:
         sink = trainer.sink

@@ -329,3 +329,29 @@ def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
     Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10,
             finite_check="step", **fresh()).fit()
     assert calls["bool"] == 30  # strict mode: exactly one check per step
+
+
+def test_loss_total_is_the_window_mean_of_step_totals_with_optional_losses(quiet):
+    """loss/total is derived at flush from per-key sums; an optional key must not skew it."""
+    totals: list[float] = []
+
+    class Optional(TinyClassifier):
+        calls = 0
+
+        def forward(self, batch):
+            losses = super().forward(batch)
+            Optional.calls += 1
+            if Optional.calls % 2:
+                losses["aux"] = self.head.weight.pow(2).mean()
+            return losses
+
+    class Record(Hook):
+        def after_step(self, trainer):
+            totals.append(trainer.total_loss.item())
+
+    Trainer(Optional(), make_batches(8), log_every=4, callbacks=[Record()], **quiet).fit()
+    lines = read_metrics(quiet["log_dir"])
+    assert [line["step"] for line in lines] == [4, 8]
+    for line, window in zip(lines, (totals[:4], totals[4:])):
+        assert line["loss/total"] == pytest.approx(sum(window) / 4, rel=1e-6)
+        assert "loss/aux" in line
