@@ -32,6 +32,7 @@ __all__ = [
     "remove_stale_temporaries",
     "restore_rng",
     "save_atomic",
+    "set_aside_newer",
 ]
 
 FORMAT_VERSION = 1
@@ -138,16 +139,36 @@ def load_newest_valid(directory: str) -> tuple[str, dict[str, Any]] | None:
     if failures:
         raise CheckpointError(
             f"no valid checkpoint in {directory}: " + "; ".join(failures)
-            + ". Move the directory aside to start fresh, or pass resume=False"
+            + f". To start fresh, move {directory} aside or use another log_dir"
         )
     return None
 
 
-def prune_checkpoints(directory: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints. Run after a save completed."""
+def prune_checkpoints(directory: str, keep_last: int, just_saved: str) -> None:
+    """Delete all but the newest `keep_last` checkpoints; never `just_saved`.
+
+    Run after a save completed.
+    """
     for _, path in list_checkpoints(directory)[:-keep_last]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if os.path.abspath(path) != os.path.abspath(just_saved):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def set_aside_newer(directory: str, step: int) -> list[str]:
+    """Rename checkpoints of steps after `step` to ``<name>.superseded``.
+
+    A run resumed from `step` writes a new history from there; newer files (a corrupt
+    one that was skipped, or the future of an older checkpoint resumed on purpose) would
+    otherwise count as the newest and be resumed from, or keep the new ones from being
+    kept. They are renamed, not deleted, so nothing is lost.
+    """
+    moved = []
+    for found_step, path in list_checkpoints(directory):
+        if found_step > step:
+            os.replace(path, path + ".superseded")
+            moved.append(path + ".superseded")
+    return moved
 
 
 def remove_stale_temporaries(directory: str) -> None:

@@ -27,6 +27,8 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from .checkpoint import checkpoint_path, prune_checkpoints, save_atomic
 from .data import batch_size
 from .errors import NonFiniteLossError
@@ -287,14 +289,32 @@ class CheckpointHook(Hook):
 
     def save(self, trainer: Trainer) -> str:
         """Write a checkpoint of the current step; return its path."""
+        _refuse_nonfinite_weights(trainer)
         if trainer.writers is not None:
             trainer.writers.flush()
         path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
         save_atomic(trainer.state_dict(), path)
-        prune_checkpoints(trainer.checkpoint_dir, self.keep_last)
+        prune_checkpoints(trainer.checkpoint_dir, self.keep_last, just_saved=path)
         self.last_saved = trainer.state.step
         logger.info("saved checkpoint %s", path)
         return path
+
+
+def _refuse_nonfinite_weights(trainer: Trainer) -> None:
+    """Never let NaN weights replace good checkpoints (one sync, per checkpoint only)."""
+    named = [(name, p) for name, p in trainer.model.named_parameters() if p.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).tolist()
+    bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if bad:
+        raise NonFiniteLossError(
+            f"parameters became NaN or Inf by step {trainer.state.step} ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); no checkpoint is saved, so the earlier "
+            "ones stay usable. A non-finite loss usually came first: use "
+            "finite_check='step' to stop at it",
+            {},
+        )
 
 
 class ProgressHook(Hook):

@@ -200,10 +200,17 @@ class SummarySink:
         self.writing = writing
 
     def put_scalar(self, tag: str, value: torch.Tensor) -> None:
-        """Fast path for a one-element tensor the caller has already validated."""
+        """Fast path for a one-element tensor the caller has already validated.
+
+        The value is kept by reference (no copy, no sync) unless it looks like state that
+        will change in place: a parameter, or a tensor already modified in place (an
+        updated buffer). Those are cloned so the window keeps the value of this step.
+        """
         window = self._scalars.get(tag)
         if window is None:
             window = self._scalars[tag] = _ScalarWindow()
+        if value.grad_fn is None and (value.requires_grad or value._version):
+            value = value.detach().clone()
         window.values.append(value.detach())
         window.steps.append(self.step)
         if len(window.values) >= _FOLD_AT:
@@ -235,6 +242,8 @@ class SummarySink:
                 self.put_scalar(tag, value.reshape(()) if value.ndim else value)
             elif isinstance(value, numbers.Real):
                 self._number(tag, float(value))
+            elif hasattr(value, "__array__"):  # a NumPy array or scalar
+                self.put(tag, torch.as_tensor(value), "scalar")
             else:
                 raise TypeError(
                     f"write_summary({tag!r}, kind='scalar') needs a number or a one-element "
@@ -301,7 +310,8 @@ class SummarySink:
         totals: dict[str, tuple[float, int, int | None]] = {}
         for tag, window, stack, start in plan:
             # Added one by one, in order, so a window split by a checkpoint and resumed
-            # sums to exactly the same float as an uninterrupted one.
+            # sums to exactly the same float as an uninterrupted one (as long as no tag
+            # gathers 256 values, where float32 folding changes the rounding).
             total, count = window.py_sum, window.py_count
             bad_steps = [] if window.py_first_bad is None else [window.py_first_bad]
             if stack is not None:

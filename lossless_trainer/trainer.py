@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import (
     FORMAT_VERSION,
@@ -26,6 +27,7 @@ from .checkpoint import (
     load_newest_valid,
     remove_stale_temporaries,
     restore_rng,
+    set_aside_newer,
 )
 from .data import (
     is_one_shot,
@@ -197,11 +199,12 @@ class Trainer:
         self._epoch_rng: dict[str, Any] | None = None  # RNG as the current epoch began
         self._pending_rng: dict[str, Any] | None = None  # set by load_state_dict
         self._data_started = False  # whether this process has iterated `data` yet
+        self._batches: Iterator[Any] | None = None  # the open epoch's iterator
 
     @property
     def total_steps(self) -> int | None:
         """Steps `fit` will run in all, when known (for progress and ETA)."""
-        per_epoch = len(self.data) if hasattr(self.data, "__len__") else None  # type: ignore[arg-type]
+        per_epoch = _length(self.data)
         by_epochs = per_epoch * self.max_epochs if per_epoch and self.max_epochs else None
         if self.max_steps is not None and by_epochs is not None:
             return min(self.max_steps, by_epochs)
@@ -242,7 +245,7 @@ class Trainer:
                         "batch_in_epoch": self.state.batch_in_epoch},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {"epoch_start": self._epoch_rng, "now": capture_rng()},
+            "rng": {"epoch_start": self._epoch_rng, "now": self._capture_rng()},
             "data": data_state,
             "hooks": self.hooks.state_dict(),
             "summary": self.sink.state_dict(),
@@ -273,11 +276,12 @@ class Trainer:
             SIGTERM or SIGINT it is ``"SIGTERM"`` or ``"SIGINT"``, and a checkpoint of
             the last completed step has been saved.
         """
-        if self.seed is not None:
-            seed_everything(self.seed)
-        if not self._resume_checked:
-            self._resume_checked = True
+        if not self._resume_checked:  # the first fit of this Trainer
+            if self.seed is not None:
+                seed_everything(self.seed)
+            remove_stale_temporaries(self.checkpoint_dir)
             self._resume()
+            self._resume_checked = True
         self.exception = None
         self.state.stop_reason = self._stop_request = None
         hooks, state, sink = self.hooks, self.state, self.sink
@@ -301,8 +305,11 @@ class Trainer:
                         state.stop_reason = "max_epochs"
                     if state.stop_reason is not None:
                         break
-                    hooks.call("before_epoch", self)
-                    for batch in self._epoch_batches():
+                    if self._batches is None:  # else: an epoch left open by a resume or fit
+                        if state.batch_in_epoch == 0:
+                            hooks.call("before_epoch", self)
+                        self._batches = self._epoch_batches()
+                    for batch in self._batches:
                         step = state.step + 1
                         sink.step = step  # inlined SummarySink.begin_step
                         sink.writing = step % self.log_every == 0 or step == last_step
@@ -318,17 +325,22 @@ class Trainer:
                             state.stop_reason = self._stop_request or "max_steps"
                             break
                     else:
+                        self._batches = None
                         self._end_epoch(max_steps)
             except BaseException as exc:
                 self.exception = exc
                 self.batch = None
-                self.hooks.teardown("on_exception", self, exc)
-                self.hooks.teardown("after_train", self)  # failures logged; exc wins
-                self._close_writers()
+                try:
+                    self.hooks.teardown("on_exception", self, exc)
+                    self.hooks.teardown("after_train", self)  # failures logged; exc wins
+                finally:
+                    self._close_writers()
                 raise
             self.batch = None
-            errors = self.hooks.teardown("after_train", self)
-            errors += self._close_writers()
+            try:
+                errors = self.hooks.teardown("after_train", self)
+            finally:
+                errors += self._close_writers()
         if errors:
             raise errors[0]
         return self.state
@@ -361,7 +373,6 @@ class Trainer:
             path, state = found
         else:
             path, state = self.resume, load_checkpoint(self.resume)
-        remove_stale_temporaries(self.checkpoint_dir)
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -371,30 +382,44 @@ class Trainer:
             ) from exc
         self.resumed_from = path
         logger.warning("resumed from %s at step %d", path, self.state.step)
+        for moved in set_aside_newer(self.checkpoint_dir, self.state.step):
+            logger.warning("set aside %s: it is newer than the checkpoint resumed from", moved)
 
     def _epoch_batches(self) -> Iterator[Any]:
         """An iterator over this epoch's batches; after a resume, from where it stopped."""
         pending, self._pending_rng = self._pending_rng, None
-        generators = loader_generators(self.data)
         first_in_process, self._data_started = not self._data_started, True
         epoch = self.state.epoch
         if pending is not None:
             skip = self.state.batch_in_epoch
             if skip == 0 or _is_stateful(self.data) or pending["epoch_start"] is None:
-                restore_rng(pending["now"])  # the data restores its own position, or none
+                self._restore_rng(pending["now"])  # the data restores its position, or none
             else:
-                epoch_start = pending["epoch_start"]
-                restore_rng(epoch_start["global"])
-                for generator, saved in zip(generators, epoch_start["generators"]):
-                    generator.set_state(saved)
-                self._epoch_rng = epoch_start
+                self._restore_rng(pending["epoch_start"])
+                self._epoch_rng = pending["epoch_start"]
                 # The rebuilt loader of this epoch does not start `self.data` itself.
                 self._data_started = False
                 return iterate_resumed_epoch(self.data, skip, epoch,
-                                             lambda: restore_rng(pending["now"]))
-        self._epoch_rng = {"global": capture_rng(),
-                           "generators": [g.get_state() for g in generators]}
+                                             lambda: self._restore_rng(pending["now"]))
+        self._epoch_rng = self._capture_rng()
         return start_epoch(self.data, epoch, first_in_process)
+
+    def _capture_rng(self) -> dict[str, Any]:
+        """Global RNG states plus those of the DataLoader's own generators."""
+        return {"global": capture_rng(),
+                "generators": [g.get_state() for g in loader_generators(self.data)]}
+
+    def _restore_rng(self, saved: dict[str, Any]) -> None:
+        restore_rng(saved["global"])
+        generators = loader_generators(self.data)
+        if len(generators) != len(saved["generators"]):
+            warnings.warn(
+                f"the checkpoint holds {len(saved['generators'])} DataLoader generator "
+                f"state(s) but the data now has {len(generators)}; the data order after "
+                "the resume will differ", stacklevel=3,
+            )
+        for generator, state in zip(generators, saved["generators"]):
+            generator.set_state(state)
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -410,12 +435,15 @@ class Trainer:
             if received:
                 return
             received.append(name)
-            print(f"[lossless_trainer] {name} received: finishing step {self.state.step + 1}, "
+            print(f"[lossless_trainer] {name} received: stopping after the current step, "
                   "then saving a checkpoint. Press Ctrl-C again to abort.",
                   file=sys.stderr, flush=True)
             self.request_stop(name)
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A handler installed outside Python reads as None and could not be restored:
+        # leave such a signal alone.
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)
+                    if signal.getsignal(sig) is not None}
         try:
             yield
         finally:
@@ -473,6 +501,16 @@ class Trainer:
             "the weights are those of the previous step",
             bad,
         )
+
+
+def _length(data: Any) -> int | None:
+    """Batches per epoch, when the data knows without being iterated."""
+    if isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
+        return None  # len() would warn later, or raise for datasets without __len__
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _is_stateful(data: Any) -> bool:

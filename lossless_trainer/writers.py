@@ -9,6 +9,7 @@ close.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -65,7 +66,15 @@ class TensorBoardWriter:
             self._writer.file_writer.add_summary(self._summary(value=values), record.step)
         for kind, tag, value, step in record.others:
             if kind == "histogram":
-                self._writer.add_histogram(tag, value.float(), step)
+                values = value.float().flatten()
+                finite = values[values.isfinite()]
+                if finite.numel():  # TensorBoard rejects NaN and Inf in a histogram
+                    self._writer.add_histogram(tag, finite, step)
+                if finite.numel() != values.numel():
+                    nonfinite = values.numel() - finite.numel()
+                    self._writer.add_text(f"{tag}/nonfinite",
+                                          f"{nonfinite} of {values.numel()} values are NaN or Inf",
+                                          step)
             elif kind == "image":
                 tensor, formats = value
                 if formats.startswith("N"):
@@ -170,17 +179,16 @@ class BackgroundWriter:
             if isinstance(item, threading.Event):  # a flush() waiting for the batch before
                 item.set()
                 continue
-            if self._error is not None:
-                continue  # keep draining so close() does not hang
-            try:
-                for writer in self.writers:
+            for writer in self.writers:  # one failing writer does not starve the others
+                try:
                     for record in item:
                         writer.write(record)
                     flush = getattr(writer, "flush", None)
                     if flush is not None:
                         flush()
-            except BaseException as exc:  # surfaced on the training thread
-                self._error = exc
+                except BaseException as exc:  # surfaced on the training thread
+                    if self._error is None:
+                        self._error = exc
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -196,7 +204,8 @@ class BackgroundWriter:
 
     def write(self, record: SummaryRecord) -> None:
         self._raise_pending()
-        self._buffer.append(record)
+        # The writer thread reads the record later; hooks may still hold and change it.
+        self._buffer.append(dataclasses.replace(record, scalars=dict(record.scalars)))
         if time.monotonic() - self._handed_at >= self.interval:
             self._hand_over()
 

@@ -10,7 +10,7 @@ import torch
 from conftest import TinyClassifier, make_batches, read_metrics
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Hook, Trainer
+from lossless_trainer import Hook, NonFiniteLossError, Trainer
 from lossless_trainer.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -135,7 +135,7 @@ def test_no_valid_checkpoint_at_all_is_a_clear_error(tmp_path):
     directory.mkdir()
     (directory / "step-000000005.pt").write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError,
-                                                  match="no valid checkpoint in .*resume=False"):
+                                                  match="no valid checkpoint in .*move .* aside"):
         train(tmp_path)
 
 
@@ -270,3 +270,111 @@ def test_first_sigint_stops_cleanly_with_a_checkpoint(tmp_path):
     trainer, _ = train(tmp_path, callbacks=[Interrupt()])
     assert (trainer.state.step, trainer.state.stop_reason) == (3, "SIGINT")
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [3]
+
+
+def test_nan_weights_are_never_checkpointed(tmp_path):
+    class Poison(Hook):
+        def after_step(self, trainer):
+            if trainer.state.step == 8:
+                with torch.no_grad():
+                    trainer.model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"parameters became NaN or Inf by step 12 "
+                                                 r"\(.*head.weight.*\); no checkpoint is saved"):
+        train(tmp_path, callbacks=[Poison()], log_every=50)
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [6]
+
+
+def test_resuming_sets_newer_checkpoints_aside_and_never_prunes_the_new_one(tmp_path):
+    train(tmp_path, max_steps=12, keep_last=5)
+    older = checkpoint_path(str(tmp_path / "checkpoints"), 6)
+    trainer, _ = train(tmp_path, max_steps=9, resume=older, keep_last=1)
+    assert trainer.resumed_from == older
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [9]
+    assert (tmp_path / "checkpoints" / "step-000000012.pt.superseded").exists()
+
+
+def test_resume_at_an_epoch_boundary_restores_the_loaders_generator(tmp_path):
+    """Stopped by a hook right after an epoch ends: the next epoch's order must match."""
+
+    def seeded_loader():
+        g = torch.Generator().manual_seed(3)
+        data = TensorDataset(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,)))
+        return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator())
+
+    def run(log_dir, hooks=()):
+        torch.manual_seed(0)
+        model = TinyClassifier(dropout=0.3)
+        Trainer(model, seeded_loader(), max_epochs=3, seed=1, log_dir=str(log_dir),
+                progress=False, callbacks=list(hooks)).fit()
+        return model
+
+    class StopAfterFirstEpoch(Hook):
+        def after_epoch(self, trainer):
+            if trainer.state.epoch == 1:
+                trainer.request_stop("pause")
+
+    reference = run(tmp_path / "ref")
+    run(tmp_path / "run", [StopAfterFirstEpoch()])
+    resumed = run(tmp_path / "run")
+    assert same_params(resumed, reference)
+
+
+def test_before_epoch_is_not_repeated_when_resuming_mid_epoch(tmp_path):
+    calls: list[tuple[int, int]] = []
+
+    class Epochs(Hook):
+        def before_epoch(self, trainer):
+            calls.append((trainer.state.epoch, trainer.state.step))
+
+    train(tmp_path, max_steps=10, callbacks=[Epochs()])  # epochs start at steps 0 and 8
+    train(tmp_path, max_steps=20, callbacks=[Epochs()])  # resumes at step 10, mid-epoch 1
+    assert calls == [(0, 0), (1, 8), (2, 16)]
+
+
+def test_calling_fit_again_continues_the_open_epoch(tmp_path):
+    torch.manual_seed(0)
+    seen: list[int] = []
+
+    class Remember(Hook):
+        def before_step(self, trainer):
+            seen.append(int(trainer.batch[0][0, 0] * 1e6))
+
+    batches = make_batches(10)
+    trainer = Trainer(TinyClassifier(), batches, max_steps=7, log_dir=str(tmp_path),
+                      progress=False, callbacks=[Remember()])
+    trainer.fit()
+    trainer.max_steps = 14
+    trainer.fit()
+    expected = [int(b[0][0, 0] * 1e6) for b in batches]
+    assert seen == expected + expected[:4]
+    assert (trainer.state.epoch, trainer.state.batch_in_epoch) == (1, 4)
+
+
+def test_a_failed_resume_is_retried_not_skipped(tmp_path):
+    train(tmp_path, max_steps=6)
+
+    class Other(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(2, 2)
+
+    trainer = Trainer(Other(), make_batches(4), log_dir=str(tmp_path), progress=False)
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="does not fit this run"):
+            trainer.fit()
+    assert [m["step"] for m in read_metrics(str(tmp_path))] == [4, 6]  # log intact
+
+
+def test_writers_are_closed_even_if_teardown_is_interrupted(tmp_path):
+    class Abort(Hook):
+        def after_train(self, trainer):
+            raise KeyboardInterrupt
+
+    trainer = Trainer(TinyClassifier(), make_batches(3), log_dir=str(tmp_path), progress=False,
+                      callbacks=[Abort()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.writers is None
+    assert not any(t.name == "lossless_trainer-writer" and t.is_alive()
+                   for t in __import__("threading").enumerate())

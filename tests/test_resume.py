@@ -97,7 +97,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, re
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert "SIGTERM received: finishing step 23" in stderr
+    assert "SIGTERM received: stopping after the current step" in stderr
     stopped = torch.load(out, weights_only=True)
     assert (stopped["step"], stopped["stop_reason"]) == (23, "SIGTERM")
     assert checkpoint_steps(log_dir) == [10, 20, 23]

@@ -222,3 +222,55 @@ def test_write_summary_from_another_thread_needs_a_copied_context():
             thread.start()
             thread.join()
     assert set(sink.flush().scalars) == {"copied"}
+
+
+def test_parameters_and_updated_buffers_are_logged_by_value():
+    sink = SummarySink()
+    scale = torch.nn.Parameter(torch.tensor(1.0))
+    counter = torch.zeros(())
+    counter += 1  # now at version 1: treated as state that changes in place
+    with sink.activate():
+        for step in range(1, 4):
+            sink.begin_step(step, writing=False)
+            write_summary("scale", scale)
+            write_summary("counter", counter)
+            with torch.no_grad():
+                scale.mul_(2)
+            counter += 1
+    assert sink.flush().scalars == {"scale": (1 + 2 + 4) / 3, "counter": (1 + 2 + 3) / 3}
+
+
+def test_numpy_scalars_are_scalars():
+    import numpy as np
+
+    sink = SummarySink()
+    with sink.activate():
+        write_summary("a", np.array(2.0))
+        write_summary("b", np.float32(3.0))
+        write_summary("c", np.array([4.0]), kind="scalar")
+    assert sink.flush().scalars == {"a": 2.0, "b": 3.0, "c": 4.0}
+
+
+def test_nonfinite_histogram_values_do_not_break_the_writers(quiet):
+    class Spiky(Model):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, batch):
+            x, y = batch
+            logits = self.lin(x)
+            spiky = logits.detach().clone()
+            spiky[0, 0] = float("inf")
+            write_summary("spiky", spiky)
+            return {"ce": F.cross_entropy(logits, y)}
+
+    Trainer(Spiky(), make_batches(6), log_every=3, **quiet).fit()
+    assert [line["step"] for line in read_metrics(quiet["log_dir"])] == [3, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(quiet["log_dir"], size_guidance={"histograms": 0, "tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Histograms("spiky")] == [3, 6]
+    assert events.Histograms("spiky")[0].histogram_value.num == 31  # 32 values, 1 dropped
+    assert "spiky/nonfinite/text_summary" in events.Tags()["tensors"]

@@ -322,11 +322,13 @@ def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
         monkeypatch.setattr(torch.Tensor, attr, counting)
 
     sgd = functools.partial(torch.optim.SGD, lr=0.1)  # AdamW reads its CPU step counter
-    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, **fresh()).fit()
+    # keep_last=0: the end-of-training checkpoint syncs once (it checks the weights)
+    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, keep_last=0,
+            **fresh()).fit()
     assert calls == {"item": 0, "bool": 0, "float": 0, "tolist": 3}
 
     calls.update(dict.fromkeys(calls, 0))
-    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10,
+    Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, keep_last=0,
             finite_check="step", **fresh()).fit()
     assert calls["bool"] == 30  # strict mode: exactly one check per step
 
@@ -355,3 +357,15 @@ def test_loss_total_is_the_window_mean_of_step_totals_with_optional_losses(quiet
     for line, window in zip(lines, (totals[:4], totals[4:])):
         assert line["loss/total"] == pytest.approx(sum(window) / 4, rel=1e-6)
         assert "loss/aux" in line
+
+
+def test_dataloader_over_an_iterable_dataset_without_length(quiet):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from make_batches(5)
+
+    state = Trainer(TinyClassifier(), DataLoader(Stream(), batch_size=None), max_steps=12,
+                    **quiet).fit()
+    assert (state.step, state.epoch) == (12, 2)
