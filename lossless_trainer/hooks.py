@@ -107,9 +107,11 @@ class HookList:
                     "lossless_trainer.Hook and override the points you need"
                 )
         self.hooks = sorted(hooks, key=lambda h: h.priority)
+        # A hook may switch a point off per instance by setting it to None.
         self._bound: dict[str, list[Any]] = {
             point: [getattr(h, point) for h in self.hooks
-                    if getattr(type(h), point) is not getattr(Hook, point)]
+                    if getattr(type(h), point) is not getattr(Hook, point)
+                    and getattr(h, point) is not None]
             for point in _POINTS
         }
 
@@ -178,17 +180,19 @@ class LoggingHook(Hook):
         self._samples: int | None = 0
         self._window_start = 0.0
         self._window_steps = 0
+        self._window_micro = 0  # micro-batches: loss means are over these
 
     def before_train(self, trainer: Trainer) -> None:
         self._window_start = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"window_steps": self._window_steps,
+        return {"window_steps": self._window_steps, "window_micro": self._window_micro,
                 "samples": -1 if self._samples is None else self._samples,
                 "loss_keys": list(self._tags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._window_steps = state["window_steps"]
+        self._window_micro = state["window_micro"]
         self._samples = None if state["samples"] < 0 else state["samples"]
         # Loss keys seen so far, so an optional loss missing since the checkpoint still
         # counts in loss/total and in the non-finite check of the window.
@@ -197,16 +201,25 @@ class LoggingHook(Hook):
     def after_step(self, trainer: Trainer) -> None:
         sink = trainer.sink
         tags = self._tags
-        for key, loss in trainer.losses.items():
-            tag = tags.get(key)
-            if tag is None:
-                tag = tags[key] = f"loss/{key}"
-            sink.put_scalar(tag, loss)
+        for losses in trainer.micro_losses:
+            for key, loss in losses.items():
+                tag = tags.get(key)
+                if tag is None:
+                    tag = tags[key] = f"loss/{key}"
+                sink.put_scalar(tag, loss)
         self._window_steps += 1
+        self._window_micro += len(trainer.micro_losses)
         if self._samples is not None:
-            size = batch_size(trainer.batch)
-            self._samples = None if size is None else self._samples + size
+            for batch in trainer.micro_batches:
+                size = batch_size(batch)
+                if size is None:  # not inferable: stop counting samples for this run
+                    self._samples = None
+                    break
+                self._samples += size
         if sink.writing:
+            skipped = trainer.precision.skipped_steps
+            if skipped is not None:  # fp16: steps the GradScaler skipped so far
+                sink.put_scalar("amp/skipped_steps", skipped)
             self.flush(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
@@ -221,8 +234,8 @@ class LoggingHook(Hook):
         # steps. Exact also when an optional loss is missing from some steps.
         window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()
                        if tag in record.counts]
-        if window_sums and self._window_steps:
-            record.scalars["loss/total"] = sum(window_sums) / self._window_steps
+        if window_sums and self._window_micro:
+            record.scalars["loss/total"] = sum(window_sums) / self._window_micro
         elapsed = time.perf_counter() - self._window_start
         if elapsed > 0 and self._window_steps:
             record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed
@@ -233,7 +246,7 @@ class LoggingHook(Hook):
             name = "lr" if len(groups) == 1 else f"lr/{group.get('name', f'group{i}')}"
             record.scalars[name] = float(group["lr"])
         self._window_start = time.perf_counter()
-        self._window_steps = 0
+        self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None
         trainer.last_summary = record
         if trainer.writers is not None:
@@ -275,12 +288,14 @@ class CheckpointHook(Hook):
         self.every = every
         self.keep_last = keep_last
         self.last_saved: int | None = None
+        if every is None:
+            self.after_step = None  # type: ignore[method-assign,assignment]  # nothing per step
 
     def before_train(self, trainer: Trainer) -> None:
         self.last_saved = trainer.state.step if trainer.resumed_from else None
 
     def after_step(self, trainer: Trainer) -> None:
-        if self.every is not None and trainer.state.step % self.every == 0:
+        if trainer.state.step % self.every == 0:  # type: ignore[operator]
             self.save(trainer)
 
     def after_train(self, trainer: Trainer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import (
@@ -39,6 +41,7 @@ from .data import (
 from .errors import NonFiniteLossError
 from .hooks import CheckpointHook, Hook, HookList, LoggingHook, ProgressHook, logger
 from .model import check_losses
+from .precision import NO_CONTEXT, Precision
 from .summary import SummaryRecord, SummarySink
 from .writers import BackgroundWriter, JSONLinesWriter, TensorBoardWriter
 
@@ -97,6 +100,16 @@ class Trainer:
             raises at the next flush, with no per-step sync. ``"step"`` checks every step
             before the optimizer step (one sync per step), so a non-finite loss never
             updates the weights.
+        precision: ``"32"``, ``"bf16"`` or ``"fp16"``. Autocast covers the forward, and
+            so the model's own loss computation; fp16 adds a GradScaler.
+        grad_accum_steps: Micro-batches per optimizer step; each one's loss is scaled by
+            1/N. A "step" everywhere (`max_steps`, `log_every`, checkpoints) is an
+            optimizer step. An epoch's leftover micro-batches make one shorter step.
+        clip_grad_norm: Clip the gradients' total norm to this, after unscaling. The norm
+            before clipping is logged as ``grad_norm``.
+        clip_grad_value: Clip each gradient element to ``[-x, x]``, after unscaling.
+        lr_scheduler: A scheduler over `optimizer`, or a factory called with the
+            optimizer. Stepped once per optimizer step; its state is checkpointed.
         checkpoint_every: Save a checkpoint every this many steps. A checkpoint is always
             saved when training ends without an error (including on SIGTERM/SIGINT).
         keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``. ``0`` writes none
@@ -125,6 +138,11 @@ class Trainer:
         callbacks: Sequence[Hook] = (),
         progress: bool = True,
         finite_check: Literal["flush", "step"] = "flush",
+        precision: Literal["32", "bf16", "fp16"] = "32",
+        grad_accum_steps: int = 1,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        lr_scheduler: LRScheduler | Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
         checkpoint_every: int | None = None,
         keep_last: int = 3,
         resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
@@ -141,6 +159,12 @@ class Trainer:
         _check_positive("max_epochs", max_epochs, allow_none=True)
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, allow_none=True)
+        _check_positive("grad_accum_steps", grad_accum_steps)
+        for name, clip in (("clip_grad_norm", clip_grad_norm),
+                           ("clip_grad_value", clip_grad_value)):
+            if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                     or not clip > 0):
+                raise ValueError(f"{name} must be a positive number, got {clip!r}")
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
             raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
         if keep_last == 0 and checkpoint_every is not None:
@@ -161,6 +185,13 @@ class Trainer:
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.optimizer = _build_optimizer(optimizer, self.model)
+        self.precision = Precision(precision, self.device)
+        self.lr_scheduler = _build_scheduler(lr_scheduler, self.optimizer)
+        self.grad_accum_steps = grad_accum_steps
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self._clipping = clip_grad_norm is not None or clip_grad_value is not None
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.data = data
         self.max_steps = max_steps
         # No limit at all means one epoch; a one-shot iterator then runs until exhausted.
@@ -178,7 +209,9 @@ class Trainer:
         self.sink = SummarySink()
         # Per-step values hooks may read. `batch` is as the data yielded it.
         self.batch: Any = None
+        self.micro_batches: list[Any] = []
         self.losses: dict[str, torch.Tensor] = {}
+        self.micro_losses: list[dict[str, torch.Tensor]] = []
         self.total_loss: torch.Tensor | None = None
         self.last_summary: SummaryRecord | None = None
         # Set during fit: the writers, the checkpoint resumed from, the error fit raises.
@@ -245,6 +278,8 @@ class Trainer:
                         "batch_in_epoch": self.state.batch_in_epoch},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
             "rng": {"epoch_start": self._epoch_rng, "now": self._capture_rng()},
             "data": data_state,
             "hooks": self.hooks.state_dict(),
@@ -256,6 +291,11 @@ class Trainer:
         applied when the next epoch's iteration starts in `fit`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if (state["lr_scheduler"] is None) != (self.lr_scheduler is None):
+            raise ValueError("the checkpoint and this run disagree on having an lr_scheduler")
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.precision.load_state_dict(state["precision"])
         counters = state["trainer"]
         self.state = TrainState(step=counters["step"], epoch=counters["epoch"],
                                 batch_in_epoch=counters["batch_in_epoch"])
@@ -309,16 +349,17 @@ class Trainer:
                         if state.batch_in_epoch == 0:
                             hooks.call("before_epoch", self)
                         self._batches = self._epoch_batches()
-                    for batch in self._batches:
+                    for group in _groups(self._batches, self.grad_accum_steps):
                         step = state.step + 1
                         sink.step = step  # inlined SummarySink.begin_step
                         sink.writing = step % self.log_every == 0 or step == last_step
-                        self.batch = batch
+                        self.batch, self.micro_batches = group[-1], group
                         for hook in before_step:
                             hook(self)
-                        self.losses = self.run_step(batch)
+                        self.micro_losses = self.run_step(group)
+                        self.losses = self.micro_losses[-1]
                         state.step = step
-                        state.batch_in_epoch += 1
+                        state.batch_in_epoch += len(group)
                         for hook in after_step:
                             hook(self)
                         if self._stop_request is not None or step >= max_steps:
@@ -469,26 +510,70 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.hooks.call("after_epoch", self)
 
-    def run_step(self, batch: Any) -> dict[str, torch.Tensor]:
-        """One optimizer step on one batch. No `.item()`, no device sync.
+    def run_step(self, batches: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """One optimizer step over `grad_accum_steps` micro-batches. No `.item()`, no sync.
 
-        Extension point: hooks see gradients in `after_backward`, before the update.
+        Each micro-batch's total loss is scaled by 1/len(batches), so accumulating N
+        batches of size B equals one batch of N*B for mean losses. Extension point:
+        hooks see the unscaled gradients in `after_backward`, before clipping and the
+        update.
+
+        Returns:
+            Each micro-batch's losses, as the model returned them (unscaled).
         """
-        batch = move_to_device(batch, self.device)
-        losses = check_losses(self.model(batch), self.state.step + 1, self._model_name)
+        step = self.state.step + 1
+        precision, last = self.precision, len(batches) - 1
+        per_batch = []
+        for i, batch in enumerate(batches):
+            batch = move_to_device(batch, self.device)
+            if i < last or precision.dtype is not None:
+                with self._no_sync() if i < last else NO_CONTEXT, precision.autocast():
+                    losses, total = self._forward(batch, step)
+            else:  # full precision, last micro-batch: no context to enter
+                losses, total = self._forward(batch, step)
+            if self.finite_check == "step":
+                self._check_finite(losses, total)
+            precision.backward(total / len(batches) if last else total)
+            per_batch.append(losses)
+        precision.unscale(self.optimizer)
+        for hook in self._after_backward:
+            hook(self)
+        if self._clipping:
+            self._clip()
+        precision.step(self.optimizer)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.total_loss = total
+        return per_batch
+
+    def _forward(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The model's checked losses on one batch, and their sum."""
+        losses = check_losses(self.model(batch), step, self._model_name)
         values = iter(losses.values())
         total = next(values)
         for loss in values:
             total = total + loss
-        if self.finite_check == "step":
-            self._check_finite(losses, total)
-        total.backward()
-        for hook in self._after_backward:
-            hook(self)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.total_loss = total
-        return losses
+        return losses, total
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """DistributedDataParallel's `no_sync`, for all but the last micro-batch: their
+        gradients are all-reduced once, with the last one's."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else NO_CONTEXT
+
+    def _clip(self) -> None:
+        """Clip the (unscaled) gradients; log their norm before clipping, on the device."""
+        if self.clip_grad_value is None:  # clip_grad_norm_ returns the norm before clipping
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        else:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                         for g in grads]))
+            torch.nn.utils.clip_grad_value_(self._params, self.clip_grad_value)
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        self.sink.put_scalar("grad_norm", norm)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
         if bool(torch.isfinite(total)):
@@ -501,6 +586,41 @@ class Trainer:
             "the weights are those of the previous step",
             bad,
         )
+
+
+def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Micro-batch groups of `size` (the last one may be shorter)."""
+    if size == 1:
+        for batch in batches:
+            yield [batch]
+        return
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, LRScheduler):
+        if not callable(scheduler):
+            raise TypeError(
+                "lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or a factory "
+                f"taking the optimizer, got {type(scheduler).__name__}"
+            )
+        scheduler = scheduler(optimizer)
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(f"the lr_scheduler factory returned {type(scheduler).__name__}, "
+                            "not an LRScheduler")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("lr_scheduler schedules a different optimizer than the Trainer's; "
+                         "pass a factory (lambda opt: ...) so it is built on the right one")
+    return scheduler
 
 
 def _length(data: Any) -> int | None:

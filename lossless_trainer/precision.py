@@ -1,0 +1,83 @@
+"""The precision policy: autocast for the forward (and so the model's own loss), and a
+GradScaler for fp16. The one training step calls it; there is no second, AMP copy of
+the step, and hooks and clipping see gradients after unscaling."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+__all__ = ["Precision"]
+
+PRECISIONS = ("32", "bf16", "fp16")
+NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+class Precision:
+    """How the step computes: ``"32"`` (no autocast), ``"bf16"`` or ``"fp16"``.
+
+    Assumptions: one optimizer; the forward runs inside `autocast()`; `backward` is
+    called once per micro-batch, then `unscale` once, then `step`.
+
+    Args:
+        mode: ``"32"``, ``"bf16"`` or ``"fp16"``.
+        device: The training device; autocast uses its type (``cuda``, ``cpu``...).
+    """
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        if mode not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+        self.mode = mode
+        self.device_type = device.type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+        if self.dtype is not None and not torch.amp.is_autocast_available(device.type):
+            raise ValueError(f"precision={mode!r}: autocast is not available on {device.type}")
+        # Loss scaling only matters for fp16, whose range is too small for gradients.
+        self.scaler = torch.amp.GradScaler(device.type) if mode == "fp16" else None
+        self.skipped_steps: torch.Tensor | None = None  # on the device, no sync to count
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context the forward runs in."""
+        if self.dtype is None:
+            return NO_CONTEXT
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss`, scaled for fp16."""
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients back to their true scale, before hooks and clipping see them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step the optimizer; with fp16, skip steps whose gradients are not finite and
+        count them on the device."""
+        if self.scaler is None:
+            optimizer.step()
+            return
+        # get_scale() would sync; compare the scale tensor on the device instead.
+        before = self.scaler._scale.clone()  # noqa: SLF001
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        skipped = (self.scaler._scale < before).to(torch.int64)  # noqa: SLF001
+        self.skipped_steps = skipped if self.skipped_steps is None else self.skipped_steps + skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.scaler is None:
+            return {}
+        return {"scaler": self.scaler.state_dict(),
+                "skipped_steps": 0 if self.skipped_steps is None else self.skipped_steps.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state["scaler"])
+            skipped = state["skipped_steps"]
+            self.skipped_steps = (torch.as_tensor(skipped).to(self.scaler._scale.device)  # noqa: SLF001
+                                  if isinstance(skipped, torch.Tensor) else None)
