@@ -113,6 +113,34 @@ def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
 
 
+def raw_loop_bf16(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  batches: Sequence[Batch]) -> None:
+    """`raw_loop` with the forward (and so the loss) under bf16 autocast."""
+    for batch in batches:
+        with torch.autocast(batch[0].device.type, dtype=torch.bfloat16):
+            losses = iter(model(batch).values())
+            loss = next(losses)
+            for extra in losses:
+                loss = loss + extra
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def raw_loop_accumulate(model: nn.Module, optimizer: torch.optim.Optimizer,
+                        batches: Sequence[Batch], every: int = 4) -> None:
+    """`raw_loop` accumulating `every` micro-batches per optimizer step."""
+    for start in range(0, len(batches), every):
+        for batch in batches[start:start + every]:
+            losses = iter(model(batch).values())
+            loss = next(losses)
+            for extra in losses:
+                loss = loss + extra
+            (loss / every).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark configuration.
@@ -148,6 +176,10 @@ CASES: list[Case] = [
          target=1.05),
     Case("medium", (784, 1024, 1024, 10), batch_size=256, steps=150, quick_steps=10,
          rounds=7, target=1.02, distinct_batches=16),
+    Case("tiny-bf16", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         target=1.05, trainer_kwargs={"precision": "bf16"}, raw=raw_loop_bf16),
+    Case("tiny-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         target=1.05, trainer_kwargs={"grad_accum_steps": 4}, raw=raw_loop_accumulate),
 ]
 
 
@@ -250,12 +282,14 @@ def run_trainer(case: Case, batches: list[Batch], device: torch.device, seed: in
     model, optimizer = build(case, device, seed)
     # keep_last=0: no end-of-training checkpoint. It is a one-off cost (about 1 ms for
     # tiny, 70 ms for medium with its AdamW state), not per-step overhead.
-    trainer = Trainer(model, batches, optimizer=optimizer, max_steps=len(batches),
+    # Times are per batch on both sides; with accumulation a step takes several.
+    steps = len(batches) // case.trainer_kwargs.get("grad_accum_steps", 1)
+    trainer = Trainer(model, batches, optimizer=optimizer, max_steps=steps,
                       log_dir=log_dir, device=device, progress=False, keep_last=0,
                       **case.trainer_kwargs)
     run = timed(trainer.fit, model, len(batches), device)
-    if trainer.state.step != len(batches):
-        raise RuntimeError(f"trainer ran {trainer.state.step} steps, expected {len(batches)}")
+    if trainer.state.step != steps:
+        raise RuntimeError(f"trainer ran {trainer.state.step} steps, expected {steps}")
     return run
 
 
