@@ -236,8 +236,10 @@ class Trainer:
 
     @property
     def total_steps(self) -> int | None:
-        """Steps `fit` will run in all, when known (for progress and ETA)."""
-        per_epoch = _length(self.data)
+        """Optimizer steps `fit` will run in all, when known (for progress and ETA)."""
+        batches = _length(self.data)
+        # An epoch's leftover micro-batches make one more, shorter step.
+        per_epoch = -(-batches // self.grad_accum_steps) if batches else None
         by_epochs = per_epoch * self.max_epochs if per_epoch and self.max_epochs else None
         if self.max_steps is not None and by_epochs is not None:
             return min(self.max_steps, by_epochs)

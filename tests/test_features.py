@@ -61,6 +61,8 @@ def test_accumulation_counts_optimizer_steps_and_logs_micro_batch_means(fresh):
                     callbacks=[Steps()], **kwargs).fit()
     # 10 batches: three steps of 3 and the epoch's leftover as a step of 1
     assert (state.step, state.batch_in_epoch, seen) == (4, 0, [3, 3, 3, 1])
+    assert Trainer(Regressor(), regression_data(10, 4), grad_accum_steps=3, max_epochs=2,
+                   **fresh()).total_steps == 8
     lines = read_metrics(kwargs["log_dir"])
     assert [line["step"] for line in lines] == [2, 4]
     assert lines[0]["perf/samples_per_sec"] > 0
