@@ -5,13 +5,17 @@ them, backpropagates and steps. `write_summary` logs from anywhere inside the mo
 """
 
 from .errors import ModelOutputError, NonFiniteLossError
+from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import Hook
 from .model import Model, WithLoss
 from .summary import is_summary_step, summary_scope, write_summary
 from .trainer import Trainer, TrainState
 
 __all__ = [
+    "Accuracy",
+    "Evaluator",
     "Hook",
+    "MeanSquaredError",
     "Model",
     "ModelOutputError",
     "NonFiniteLossError",

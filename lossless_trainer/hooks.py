@@ -38,7 +38,8 @@ from .writers import format_scalars, stdout_is_terminal
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["CheckpointHook", "Hook", "HookList", "LoggingHook", "ProgressHook"]
+__all__ = ["CheckpointHook", "EvaluationHook", "Hook", "HookList", "LoggingHook",
+           "ProgressHook"]
 
 logger = logging.getLogger("lossless_trainer")
 
@@ -223,7 +224,7 @@ class LoggingHook(Hook):
             self.flush(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        if self._window_steps:
+        if self._window_steps or trainer.sink.pending:
             self.flush(trainer)
 
     def flush(self, trainer: Trainer) -> None:
@@ -266,6 +267,45 @@ def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> Non
             "the operation, torch.autograd.set_detect_anomaly(True)",
             bad,
         )
+
+
+class EvaluationHook(Hook):
+    """Evaluates every `every` steps and when training ends without an error.
+
+    Runs before the logging hook, so the ``eval/`` summaries go out in the flush of the
+    same step (an evaluation step is always a summary step).
+    """
+
+    priority = 80
+
+    def __init__(self, every: int | None) -> None:
+        self.every = every
+        self.last_step: int | None = None
+        self._final_step: int | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        # Evaluating in the last step itself (when it is known) puts the results in that
+        # step's flush rather than in a second record at the same step.
+        self._final_step = trainer.total_steps
+
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.state.step
+        if (self.every is not None and step % self.every == 0) or step == self._final_step:
+            self._evaluate(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if trainer.exception is None and self.last_step != trainer.state.step:
+            self._evaluate(trainer)
+
+    def _evaluate(self, trainer: Trainer) -> None:
+        trainer.evaluate()
+        self.last_step = trainer.state.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": -1 if self.last_step is None else self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = None if state["last_step"] < 0 else state["last_step"]
 
 
 class CheckpointHook(Hook):

@@ -194,6 +194,11 @@ class SummarySink:
         finally:
             _SINK.reset(token)
 
+    @property
+    def pending(self) -> bool:
+        """Whether anything was written since the last flush."""
+        return bool(self._scalars or self._others)
+
     def begin_step(self, step: int, writing: bool) -> None:
         """Tag what follows with `step`; `writing` says whether this step is flushed."""
         self.step = step
@@ -209,7 +214,8 @@ class SummarySink:
         window = self._scalars.get(tag)
         if window is None:
             window = self._scalars[tag] = _ScalarWindow()
-        if value.grad_fn is None and (value.requires_grad or value._version):
+        if value.grad_fn is None and (value.requires_grad or (
+                not value.is_inference() and value._version)):
             value = value.detach().clone()
         window.values.append(value.detach())
         window.steps.append(self.step)

@@ -39,7 +39,16 @@ from .data import (
     start_epoch,
 )
 from .errors import NonFiniteLossError
-from .hooks import CheckpointHook, Hook, HookList, LoggingHook, ProgressHook, logger
+from .evaluation import Evaluator, run_evaluation
+from .hooks import (
+    CheckpointHook,
+    EvaluationHook,
+    Hook,
+    HookList,
+    LoggingHook,
+    ProgressHook,
+    logger,
+)
 from .model import check_losses
 from .precision import NO_CONTEXT, Precision
 from .summary import SummaryRecord, SummarySink
@@ -110,6 +119,11 @@ class Trainer:
         clip_grad_value: Clip each gradient element to ``[-x, x]``, after unscaling.
         lr_scheduler: A scheduler over `optimizer`, or a factory called with the
             optimizer. Stepped once per optimizer step; its state is checkpointed.
+        eval_data: Batches for `evaluate`; with it, `fit` evaluates every `eval_every`
+            steps and once more when training ends.
+        eval_every: Steps between evaluations during `fit`.
+        evaluators: `Evaluator`s (e.g. `Accuracy`, `MeanSquaredError`) that `evaluate`
+            runs by default.
         checkpoint_every: Save a checkpoint every this many steps. A checkpoint is always
             saved when training ends without an error (including on SIGTERM/SIGINT).
         keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``. ``0`` writes none
@@ -143,6 +157,9 @@ class Trainer:
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         lr_scheduler: LRScheduler | Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+        eval_data: Iterable[Any] | None = None,
+        eval_every: int | None = None,
+        evaluators: Sequence[Evaluator] = (),
         checkpoint_every: int | None = None,
         keep_last: int = 3,
         resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
@@ -160,6 +177,9 @@ class Trainer:
         _check_positive("log_every", log_every)
         _check_positive("checkpoint_every", checkpoint_every, allow_none=True)
         _check_positive("grad_accum_steps", grad_accum_steps)
+        _check_positive("eval_every", eval_every, allow_none=True)
+        if eval_every is not None and eval_data is None:
+            raise ValueError("eval_every is set but there is no eval_data to evaluate on")
         for name, clip in (("clip_grad_norm", clip_grad_norm),
                            ("clip_grad_value", clip_grad_value)):
             if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
@@ -190,6 +210,9 @@ class Trainer:
         self.grad_accum_steps = grad_accum_steps
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
+        self.eval_data = eval_data
+        self.evaluators = list(evaluators)
+        self.last_eval: dict[str, float] | None = None  # the latest evaluate() results
         self._clipping = clip_grad_norm is not None or clip_grad_value is not None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.data = data
@@ -220,6 +243,8 @@ class Trainer:
         self.exception: BaseException | None = None
 
         builtin: list[Hook] = [LoggingHook()]
+        if eval_data is not None:
+            builtin.append(EvaluationHook(eval_every))
         if keep_last:
             builtin.append(CheckpointHook(checkpoint_every, keep_last))
         if progress:
@@ -266,6 +291,55 @@ class Trainer:
             TensorBoardWriter(self.log_dir, purge_step=start_step + 1),
             JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl"), keep_until=start_step),
         ])
+
+    def evaluate(self, data: Iterable[Any] | None = None,
+                 evaluators: Sequence[Evaluator] | None = None) -> dict[str, float]:
+        """Evaluate the model: eval mode, `torch.inference_mode()`, then its previous mode.
+
+        Each batch's predictions, ``model(batch)``, go to every evaluator. Scalars the
+        model writes with `write_summary` meanwhile (a validation loss, say) are averaged
+        over the evaluation.
+
+        Args:
+            data: Batches to evaluate on. Default: `eval_data`.
+            evaluators: Default: the Trainer's `evaluators`.
+
+        Returns:
+            The evaluators' keys and the model's averaged summaries, merged. All are
+            also written as ``eval/<key>`` summaries at the current step: within `fit`,
+            in that step's flush; outside it, as a record of their own.
+        """
+        data = self.eval_data if data is None else data
+        if data is None:
+            raise ValueError("evaluate() needs data: pass it, or eval_data= to the Trainer")
+        evaluators = self.evaluators if evaluators is None else list(evaluators)
+        # Evaluation must not change training: its RNG draws (a DataLoader's seed, random
+        # augmentation) are undone, so a run with evaluation trains exactly as one without.
+        rng = self._capture_rng()
+        try:
+            results, summaries = run_evaluation(self.model, data, evaluators, self.device,
+                                                self.precision)
+        finally:
+            self._restore_rng(rng)
+        for key in summaries.keys() & results.keys():
+            raise ValueError(f"{key!r} is both an evaluator key and a write_summary tag in "
+                             "eval mode; rename one")
+        results.update(summaries)
+        self.last_eval = results
+        scalars = {f"eval/{key}": value for key, value in results.items()}
+        if self.writers is not None:  # within fit: into this step's flush
+            for tag, value in scalars.items():
+                self.sink.put(tag, value)
+            self.sink.writing = True
+        else:
+            os.makedirs(self.log_dir, exist_ok=True)
+            writers = BackgroundWriter([
+                TensorBoardWriter(self.log_dir),
+                JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl")),
+            ])
+            writers.write(SummaryRecord(step=self.state.step, scalars=scalars))
+            writers.close()
+        return results
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue as if nothing happened; tensors and plain values.

@@ -1,0 +1,186 @@
+"""Evaluation: the evaluator protocol, ready evaluators, and the evaluation loop.
+
+In eval mode a model returns predictions; an evaluator sees each batch with its
+predictions and streams a metric (no evaluator keeps every prediction). A validation
+loss needs no evaluator: the model computes it in eval mode when labels are present and
+logs it with `write_summary`; the evaluation loop averages such summaries over the whole
+evaluation and writes them under ``eval/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .data import move_to_device
+from .model import Selector, _select
+from .precision import Precision
+from .summary import SummarySink
+
+__all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "run_evaluation"]
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """Streams a metric over an evaluation.
+
+    `reset` starts an evaluation, `process` sees every batch (as the data yields it,
+    moved to the device) with the model's eval-mode predictions, and `compute` returns
+    named floats. Keep running sums, not predictions, so memory does not grow with the
+    data set.
+    """
+
+    def reset(self) -> None: ...
+
+    def process(self, batch: Any, predictions: Any) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+class Accuracy:
+    """Top-k classification accuracy.
+
+    Args:
+        top_k: The k values to report, as ``accuracy`` for k=1 and ``top<k>_accuracy``
+            otherwise.
+        targets: Where the class indices are in the batch: an index, a key or a callable
+            (as for `WithLoss`). Default: ``batch[1]``.
+        predictions: Picks the scores from the model's predictions (a key or callable)
+            when they are not the predictions themselves.
+        name: Prefix of the keys (``"<name>accuracy"``), to tell several apart.
+
+    Predictions are scores of shape ``(N, C)``, or class indices of shape ``(N,)`` (then
+    only ``top_k=(1,)`` is possible).
+    """
+
+    def __init__(self, top_k: Sequence[int] = (1,), targets: Selector | None = None,
+                 predictions: Selector | None = None, name: str = "") -> None:
+        if not top_k or any(k < 1 for k in top_k):
+            raise ValueError(f"top_k must be positive ints, got {tuple(top_k)}")
+        self.top_k = tuple(sorted(set(top_k)))
+        self.targets = targets
+        self.predictions = predictions
+        self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        self._correct: torch.Tensor | None = None
+        self._count = 0
+
+    def process(self, batch: Any, predictions: Any) -> None:
+        scores = predictions if self.predictions is None else _select(
+            predictions, self.predictions, 0, "predictions")
+        target = _select(batch, self.targets, 1, "targets")
+        if scores.ndim == 1:
+            if self.top_k != (1,):
+                raise ValueError(
+                    "Accuracy got class indices of shape (N,); top-k above 1 needs scores of "
+                    "shape (N, C)"
+                )
+            correct = (scores == target).sum().reshape(1)
+        else:
+            k_max = min(self.top_k[-1], scores.shape[-1])
+            top = scores.topk(k_max, dim=-1).indices
+            hits = top == target.unsqueeze(-1)
+            correct = torch.stack([hits[:, :k].any(-1).sum() for k in self.top_k])
+        # Kept on the device: no sync per batch.
+        self._correct = correct if self._correct is None else self._correct + correct
+        self._count += int(target.shape[0])
+
+    def compute(self) -> dict[str, float]:
+        if self._correct is None or self._count == 0:
+            raise ValueError("Accuracy.compute() before any batch was processed")
+        rates = (self._correct.double() / self._count).tolist()
+        return {f"{self.name}{'accuracy' if k == 1 else f'top{k}_accuracy'}": rate
+                for k, rate in zip(self.top_k, rates)}
+
+
+class MeanSquaredError:
+    """Mean squared error between predictions and targets, over all elements.
+
+    Args:
+        targets: Where the targets are in the batch (index, key or callable).
+            Default: ``batch[1]``.
+        predictions: Picks the values from the predictions when needed.
+        name: The key (default ``"mse"``).
+    """
+
+    def __init__(self, targets: Selector | None = None, predictions: Selector | None = None,
+                 name: str = "mse") -> None:
+        self.targets = targets
+        self.predictions = predictions
+        self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def process(self, batch: Any, predictions: Any) -> None:
+        values = predictions if self.predictions is None else _select(
+            predictions, self.predictions, 0, "predictions")
+        target = _select(batch, self.targets, 1, "targets")
+        if values.shape != target.shape:
+            raise ValueError(
+                f"MeanSquaredError: predictions of shape {tuple(values.shape)} and targets of "
+                f"shape {tuple(target.shape)} differ"
+            )
+        error = (values.double() - target.double()).pow(2).sum()
+        self._sum = error if self._sum is None else self._sum + error
+        self._count += target.numel()
+
+    def compute(self) -> dict[str, float]:
+        if self._sum is None or self._count == 0:
+            raise ValueError("MeanSquaredError.compute() before any batch was processed")
+        return {self.name: float(self._sum) / self._count}
+
+
+def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequence[Evaluator],
+                   device: torch.device, precision: Precision) -> tuple[dict[str, float],
+                                                                        dict[str, float]]:
+    """Run `model` in eval mode under `torch.inference_mode()` over `data`.
+
+    The model's previous train/eval mode is restored afterwards, even on error.
+
+    Returns:
+        The evaluators' merged results, and the mean of every scalar the model wrote with
+        `write_summary` during the evaluation.
+
+    Raises:
+        ValueError: two evaluators report the same key, or the data is empty.
+    """
+    for evaluator in evaluators:
+        if not isinstance(evaluator, Evaluator):
+            raise TypeError(
+                f"{type(evaluator).__name__} is not an evaluator: it needs reset(), "
+                "process(batch, predictions) and compute()"
+            )
+        evaluator.reset()
+    sink = SummarySink()
+    sink.writing = False  # histograms and images of every eval batch would be waste
+    was_training = model.training
+    model.eval()
+    batches = 0
+    try:
+        with torch.inference_mode(), sink.activate(), precision.autocast():
+            for batch in data:
+                batch = move_to_device(batch, device)
+                predictions = model(batch)
+                for evaluator in evaluators:
+                    evaluator.process(batch, predictions)
+                batches += 1
+    finally:
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("the evaluation data yielded no batches")
+    results: dict[str, float] = {}
+    for evaluator in evaluators:
+        for key, value in evaluator.compute().items():
+            if key in results:
+                raise ValueError(
+                    f"two evaluators report {key!r}; give one of them a name= prefix"
+                )
+            results[key] = float(value)
+    return results, sink.flush().scalars
