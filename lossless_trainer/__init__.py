@@ -6,13 +6,15 @@ them, backpropagates and steps. `write_summary` logs from anywhere inside the mo
 
 from .errors import ModelOutputError, NonFiniteLossError
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
-from .hooks import Hook
+from .hooks import BestCheckpoint, EarlyStopping, Hook
 from .model import Model, WithLoss
 from .summary import is_summary_step, summary_scope, write_summary
 from .trainer import Trainer, TrainState
 
 __all__ = [
     "Accuracy",
+    "BestCheckpoint",
+    "EarlyStopping",
     "Evaluator",
     "Hook",
     "MeanSquaredError",

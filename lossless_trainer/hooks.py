@@ -22,6 +22,8 @@ Hooks run in ascending `priority`, then in the order given. `after_train` and
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
 import time
 import warnings
@@ -38,8 +40,8 @@ from .writers import format_scalars, stdout_is_terminal
 if TYPE_CHECKING:
     from .trainer import Trainer
 
-__all__ = ["CheckpointHook", "EvaluationHook", "Hook", "HookList", "LoggingHook",
-           "ProgressHook"]
+__all__ = ["BestCheckpoint", "CheckpointHook", "EarlyStopping", "EvaluationHook", "Hook",
+           "HookList", "LoggingHook", "ProgressHook"]
 
 logger = logging.getLogger("lossless_trainer")
 
@@ -306,6 +308,119 @@ class EvaluationHook(Hook):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_step = None if state["last_step"] < 0 else state["last_step"]
+
+
+class _Monitor:
+    """Tracks the best value of one evaluation result."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if min_delta < 0:
+            raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.best: float | None = None
+        self.seen: dict[str, float] | None = None
+
+    def new_result(self, trainer: Trainer) -> float | None:
+        """The monitored value if an evaluation happened since the last call."""
+        results = trainer.last_eval
+        if results is None or results is self.seen:
+            return None
+        self.seen = results
+        if self.monitor not in results:
+            raise KeyError(
+                f"{self.monitor!r} is not among the evaluation results "
+                f"({', '.join(sorted(results)) or 'none'})"
+            )
+        return results[self.monitor]
+
+    def improves(self, value: float) -> bool:
+        if self.best is None:
+            return math.isfinite(value)
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+
+class EarlyStopping(Hook):
+    """Stops training when an evaluation result stops improving.
+
+    Args:
+        monitor: A key of `Trainer.evaluate`'s results, e.g. ``"accuracy"`` or a
+            validation loss the model logs in eval mode (``"val_loss"``).
+        mode: ``"min"`` or ``"max"``: which direction is better.
+        patience: Evaluations without improvement before stopping.
+        min_delta: The smallest change that counts as an improvement.
+    """
+
+    priority = 85  # after evaluation (80), before the flush (90)
+
+    def __init__(self, monitor: str, mode: str = "min", patience: int = 3,
+                 min_delta: float = 0.0) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.tracker = _Monitor(monitor, mode, min_delta)
+        self.patience = patience
+        self.bad_evaluations = 0
+
+    def after_step(self, trainer: Trainer) -> None:
+        value = self.tracker.new_result(trainer)
+        if value is None:
+            return
+        if self.tracker.improves(value):
+            self.tracker.best, self.bad_evaluations = value, 0
+            return
+        self.bad_evaluations += 1
+        if self.bad_evaluations >= self.patience:
+            trainer.request_stop(
+                f"early stopping: {self.tracker.monitor} did not improve on "
+                f"{self.tracker.best} for {self.patience} evaluations"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.tracker.best, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.best = state["best"]
+        self.bad_evaluations = state["bad_evaluations"]
+
+
+class BestCheckpoint(Hook):
+    """Keeps the checkpoint with the best evaluation result as ``checkpoints/best.pt``.
+
+    The file is a full checkpoint (resumable with ``resume=<path>``) written atomically
+    whenever the monitored value improves. It is never pruned, nor picked by
+    ``resume="auto"``.
+
+    Args:
+        monitor, mode, min_delta: As for `EarlyStopping`.
+        filename: Name of the file in the checkpoint directory.
+    """
+
+    priority = 86
+
+    def __init__(self, monitor: str, mode: str = "min", min_delta: float = 0.0,
+                 filename: str = "best.pt") -> None:
+        self.tracker = _Monitor(monitor, mode, min_delta)
+        self.filename = filename
+        self.best_step: int | None = None
+
+    def after_step(self, trainer: Trainer) -> None:
+        value = self.tracker.new_result(trainer)
+        if value is None or not self.tracker.improves(value):
+            return
+        _refuse_nonfinite_weights(trainer)
+        self.tracker.best, self.best_step = value, trainer.state.step
+        save_atomic(trainer.state_dict(), os.path.join(trainer.checkpoint_dir, self.filename))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.tracker.best,
+                "best_step": -1 if self.best_step is None else self.best_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.best = state["best"]
+        self.best_step = None if state["best_step"] < 0 else state["best_step"]
 
 
 class CheckpointHook(Hook):

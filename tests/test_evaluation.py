@@ -121,3 +121,51 @@ def test_evaluation_errors(quiet):
                                                             predictions=lambda p: p[:, :1]
                                                             .expand(-1, 16))])
     assert trainer.model.training
+
+
+class Replay:
+    """An evaluator that reports preset values, one per evaluation."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = iter(values)
+
+    def reset(self) -> None:
+        pass
+
+    def process(self, batch, predictions) -> None:
+        pass
+
+    def compute(self) -> dict[str, float]:
+        return {"score": next(self.values)}
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(quiet):
+    from lossless_trainer import EarlyStopping
+
+    stopper = EarlyStopping("score", mode="min", patience=2, min_delta=0.01)
+    trainer = Trainer(Scored(), make_batches(20), eval_data=make_batches(1), eval_every=2,
+                      evaluators=[Replay([0.5, 0.4, 0.395, 0.46, 0.3, 0.2])],
+                      callbacks=[stopper], checkpoint_every=2, **quiet)
+    state = trainer.fit()
+    # 0.5 and 0.4 improve; 0.395 is within min_delta, 0.46 is worse: stop at the 4th
+    assert state.step == 8 and state.stop_reason.startswith("early stopping: score")
+    saved = torch.load(quiet["log_dir"] + "/checkpoints/step-000000008.pt", weights_only=True)
+    assert saved["hooks"]["EarlyStopping"] == {"best": 0.4, "bad_evaluations": 2}
+    with pytest.raises(KeyError, match="'missing' is not among the evaluation results"):
+        Trainer(Scored(), make_batches(4), eval_data=make_batches(1), eval_every=2,
+                callbacks=[EarlyStopping("missing")], log_dir=quiet["log_dir"] + "2",
+                progress=False).fit()
+
+
+def test_best_checkpoint_keeps_the_best_evaluation(quiet):
+    from lossless_trainer import BestCheckpoint
+    from lossless_trainer.checkpoint import list_checkpoints, load_checkpoint
+
+    best = BestCheckpoint("score", mode="max")
+    Trainer(Scored(), make_batches(8), eval_data=make_batches(1), eval_every=2,
+            evaluators=[Replay([0.1, 0.7, 0.3, 0.2])], callbacks=[best], checkpoint_every=2,
+            keep_last=1, **quiet).fit()
+    assert best.best_step == 4 and best.tracker.best == 0.7
+    directory = quiet["log_dir"] + "/checkpoints"
+    assert load_checkpoint(directory + "/best.pt")["trainer"]["step"] == 4
+    assert [step for step, _ in list_checkpoints(directory)] == [8]  # best.pt not pruned
