@@ -74,6 +74,9 @@ def write_summary(
     Scalars are averaged over the steps since the last flush. The other kinds are kept
     only on summary steps; guard costly ones with `is_summary_step()`.
     """
+    if _is_compiling():  # inside torch.compile tracing: leave the graph, run eagerly
+        _write_summary_eager(name, value, kind, dataformats=dataformats)
+        return
     sink = _SINK.get()
     if sink is None:
         return
@@ -82,6 +85,11 @@ def write_summary(
         sink.put_scalar(prefix + name if prefix else name, value)  # the common case, direct
     else:
         sink.put(prefix + name if prefix else name, value, kind, dataformats)
+
+
+_is_compiling = torch.compiler.is_compiling
+# One graph break per call inside a compiled forward; at run time the call is eager.
+_write_summary_eager = torch.compiler.disable(write_summary, recursive=True)
 
 
 def is_summary_step() -> bool:

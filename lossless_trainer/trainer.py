@@ -119,6 +119,10 @@ class Trainer:
         clip_grad_value: Clip each gradient element to ``[-x, x]``, after unscaling.
         lr_scheduler: A scheduler over `optimizer`, or a factory called with the
             optimizer. Stepped once per optimizer step; its state is checkpointed.
+        compile: Compile the model with `torch.compile` (in place, via
+            `nn.Module.compile`, so checkpoints keep their keys). A dict is passed to it
+            as options, e.g. ``{"mode": "max-autotune"}``. `write_summary` inside the
+            compiled forward works: each call is a graph break and runs eagerly.
         eval_data: Batches for `evaluate`; with it, `fit` evaluates every `eval_every`
             steps and once more when training ends.
         eval_every: Steps between evaluations during `fit`.
@@ -157,6 +161,7 @@ class Trainer:
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         lr_scheduler: LRScheduler | Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+        compile: bool | dict[str, Any] = False,  # noqa: A002 - the option's natural name
         eval_data: Iterable[Any] | None = None,
         eval_every: int | None = None,
         evaluators: Sequence[Evaluator] = (),
@@ -202,6 +207,11 @@ class Trainer:
 
         self.device = _resolve_device(device)
         self.model = model.to(self.device)
+        if compile:
+            if not isinstance(compile, (bool, dict)):
+                raise TypeError(f"compile must be a bool or a dict of torch.compile options, "
+                                f"got {type(compile).__name__}")
+            self.model.compile(**(compile if isinstance(compile, dict) else {}))
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
         self.optimizer = _build_optimizer(optimizer, self.model)
