@@ -356,7 +356,7 @@ def machine_line(device: torch.device, malloc: str) -> str:
 
 def print_table(results: list[Result]) -> None:
     """One row per case: medians per step, ratio, overhead, target verdict."""
-    header = (f"{'case':<8} {'steps':>5} {'runs':>4} {'trainer us/step':>15} "
+    header = (f"{'case':<11} {'steps':>5} {'runs':>4} {'trainer us/step':>15} "
               f"{'raw us/step':>11} {'ratio':>6} {'paired':>6} {'overhead us':>11} "
               f"{'IQR T/R':>11} {'faults/step T/R':>15} {'target':>7}  verdict")
     print(header)
@@ -366,7 +366,7 @@ def print_table(results: list[Result]) -> None:
         noise = f"{Result.spread(r.trainer):.1%}/{Result.spread(r.raw):.1%}"
         faults = (f"{statistics.median(r.trainer_faults):.0f}/"
                   f"{statistics.median(r.raw_faults):.0f}")
-        print(f"{r.case.name:<8} {r.steps:>5} {len(r.trainer):>4} "
+        print(f"{r.case.name:<11} {r.steps:>5} {len(r.trainer):>4} "
               f"{r.trainer_median * 1e6:>15.1f} {r.raw_median * 1e6:>11.1f} "
               f"{r.ratio:>6.3f} {r.paired_ratio:>6.3f} "
               f"{(r.trainer_median - r.raw_median) * 1e6:>11.1f} {noise:>11} {faults:>15} "
