@@ -39,7 +39,27 @@ class Evaluator(Protocol):
     def compute(self) -> dict[str, float]: ...
 
 
-class Accuracy:
+class _Streaming:
+    """What the ready evaluators share: where targets and predictions are."""
+
+    def __init__(self, targets: Selector | None, predictions: Selector | None,
+                 name: str) -> None:
+        self.targets = targets
+        self.predictions = predictions
+        self.name = name
+        self.reset()
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _pair(self, batch: Any, predictions: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the relevant predictions, the targets) of one batch."""
+        if self.predictions is not None:
+            predictions = _select(predictions, self.predictions, 0, "predictions")
+        return predictions, _select(batch, self.targets, 1, "targets")
+
+
+class Accuracy(_Streaming):
     """Top-k classification accuracy.
 
     Args:
@@ -60,19 +80,14 @@ class Accuracy:
         if not top_k or any(k < 1 for k in top_k):
             raise ValueError(f"top_k must be positive ints, got {tuple(top_k)}")
         self.top_k = tuple(sorted(set(top_k)))
-        self.targets = targets
-        self.predictions = predictions
-        self.name = name
-        self.reset()
+        super().__init__(targets, predictions, name)
 
     def reset(self) -> None:
         self._correct: torch.Tensor | None = None
         self._count = 0
 
     def process(self, batch: Any, predictions: Any) -> None:
-        scores = predictions if self.predictions is None else _select(
-            predictions, self.predictions, 0, "predictions")
-        target = _select(batch, self.targets, 1, "targets")
+        scores, target = self._pair(batch, predictions)
         if scores.ndim == 1:
             if self.top_k != (1,):
                 raise ValueError(
@@ -97,7 +112,7 @@ class Accuracy:
                 for k, rate in zip(self.top_k, rates)}
 
 
-class MeanSquaredError:
+class MeanSquaredError(_Streaming):
     """Mean squared error between predictions and targets, over all elements.
 
     Args:
@@ -109,19 +124,14 @@ class MeanSquaredError:
 
     def __init__(self, targets: Selector | None = None, predictions: Selector | None = None,
                  name: str = "mse") -> None:
-        self.targets = targets
-        self.predictions = predictions
-        self.name = name
-        self.reset()
+        super().__init__(targets, predictions, name)
 
     def reset(self) -> None:
         self._sum: torch.Tensor | None = None
         self._count = 0
 
     def process(self, batch: Any, predictions: Any) -> None:
-        values = predictions if self.predictions is None else _select(
-            predictions, self.predictions, 0, "predictions")
-        target = _select(batch, self.targets, 1, "targets")
+        values, target = self._pair(batch, predictions)
         if values.shape != target.shape:
             raise ValueError(
                 f"MeanSquaredError: predictions of shape {tuple(values.shape)} and targets of "

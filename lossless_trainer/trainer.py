@@ -289,16 +289,18 @@ class Trainer:
         """Whether a hook or a signal asked training to stop after the current step."""
         return self._stop_request is not None
 
-    def make_writers(self, start_step: int) -> BackgroundWriter:
+    def make_writers(self, start_step: int | None) -> BackgroundWriter:
         """The writers summaries go to. Extension point: override to add or replace sinks.
 
         Args:
             start_step: The step training continues from (0 when fresh). Whatever an
-                earlier run logged after it is dropped, so no step appears twice.
+                earlier run logged after it is dropped, so no step appears twice. None
+                appends and drops nothing (a standalone `evaluate`).
         """
         os.makedirs(self.log_dir, exist_ok=True)
         return BackgroundWriter([
-            TensorBoardWriter(self.log_dir, purge_step=start_step + 1),
+            TensorBoardWriter(self.log_dir,
+                              purge_step=None if start_step is None else start_step + 1),
             JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl"), keep_until=start_step),
         ])
 
@@ -342,11 +344,7 @@ class Trainer:
                 self.sink.put(tag, value)
             self.sink.writing = True
         else:
-            os.makedirs(self.log_dir, exist_ok=True)
-            writers = BackgroundWriter([
-                TensorBoardWriter(self.log_dir),
-                JSONLinesWriter(os.path.join(self.log_dir, "metrics.jsonl")),
-            ])
+            writers = self.make_writers(None)
             writers.write(SummaryRecord(step=self.state.step, scalars=scalars))
             writers.close()
         return results
