@@ -166,9 +166,34 @@ def start_epoch(data: Iterable[Any], epoch: int, first_in_process: bool) -> Iter
     throwaway generator. (The workers' own seeds then differ from the original run's;
     see docs/checkpoints.md.)
     """
+    set_epoch(data, epoch)
     if not (first_in_process and epoch > 0 and _persistent(data)):
         return iter(data)
     return _iter_with_throwaway_base_seed(data)  # type: ignore[arg-type]
+
+
+def set_epoch(data: Any, epoch: int) -> None:
+    """Tell a DataLoader's epoch-aware sampler (a `DistributedSampler`) which epoch
+    starts, so it shuffles differently each epoch and identically on every rank."""
+    if not isinstance(data, DataLoader):
+        return
+    for owner in (data.sampler, getattr(data.batch_sampler, "sampler", None)):
+        if callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)  # type: ignore[union-attr]
+            return
+
+
+def first_checked(batches: Iterator[Any], check: Callable[[Any], None]) -> Iterator[Any]:
+    """`batches`, with `check` called on the first one before it is yielded (or on None
+    when there is none)."""
+    first = next(batches, _NOTHING)
+    check(None if first is _NOTHING else first)
+    if first is not _NOTHING:
+        yield first
+        yield from batches
+
+
+_NOTHING = object()
 
 
 def _persistent(data: Any) -> bool:
@@ -200,6 +225,7 @@ def iterate_resumed_epoch(data: Iterable[Any], skip: int, epoch: int,
     Raises:
         ValueError: the data ran out before `skip` batches.
     """
+    set_epoch(data, epoch)
     if isinstance(data, DataLoader) and data.batch_sampler is not None \
             and not isinstance(data.dataset, IterableDataset):
         # A one-epoch loader: its workers need not persist. It draws a worker base seed

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import checkpoint_path, prune_checkpoints, save_atomic
+from .checkpoint import checkpoint_path, prune_checkpoints
 from .data import batch_size
 from .errors import NonFiniteLossError
 from .summary import SummaryRecord
@@ -226,24 +226,30 @@ class LoggingHook(Hook):
             self.flush(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
-        if self._window_steps or trainer.sink.pending:
+        pending = bool(self._window_steps) or trainer.sink.pending
+        # Under torchrun a flush is collective: all ranks flush, or none.
+        if trainer.dist.enabled and trainer.dist.collectives_ok:
+            pending = trainer.dist.any(pending)
+        if pending:
             self.flush(trainer)
 
     def flush(self, trainer: Trainer) -> None:
-        # The last completed step: after a failed step, its partial window is still
-        # written, at the step before it.
-        record = trainer.sink.flush(trainer.state.step)
-        # loss/total is derived, not stored per step: the window's summed losses over its
-        # steps. Exact also when an optional loss is missing from some steps.
-        window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()
-                       if tag in record.counts]
-        if window_sums and self._window_micro:
-            record.scalars["loss/total"] = sum(window_sums) / self._window_micro
+        sink = trainer.sink
         elapsed = time.perf_counter() - self._window_start
         if elapsed > 0 and self._window_steps:
-            record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed
-            if self._samples:
-                record.scalars["perf/samples_per_sec"] = self._samples / elapsed
+            sink.put("perf/steps_per_sec", self._window_steps / elapsed, reduce="max")
+            if self._samples:  # the whole job's throughput: each rank's added
+                sink.put("perf/samples_per_sec", self._samples / elapsed, reduce="sum")
+        # The last completed step: after a failed step, its partial window is still
+        # written, at the step before it.
+        record = sink.flush(trainer.state.step)
+        # loss/total is derived, not stored per step: the window's summed losses over its
+        # steps (and ranks). Exact also when an optional loss is missing from some steps.
+        window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()
+                       if tag in record.counts]
+        micro_batches = self._window_micro * trainer.dist.world_size
+        if window_sums and micro_batches:
+            record.scalars["loss/total"] = sum(window_sums) / micro_batches
         groups = trainer.optimizer.param_groups
         for i, group in enumerate(groups):
             name = "lr" if len(groups) == 1 else f"lr/{group.get('name', f'group{i}')}"
@@ -261,7 +267,11 @@ def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> Non
     bad = {key: record.nonfinite[tag] for key, tag in loss_tags.items()
            if tag in record.nonfinite}
     if bad:
-        first = ", ".join(f"{key!r} first at step {step}" for key, step in bad.items())
+        ranks = {key: record.nonfinite_ranks[tag] for key, tag in loss_tags.items()
+                 if tag in record.nonfinite_ranks}
+        first = ", ".join(f"{key!r} first at step {step}"
+                          + (f" on rank {ranks[key]}" if key in ranks else "")
+                          for key, step in bad.items())
         raise NonFiniteLossError(
             f"non-finite loss (NaN or Inf): {first} (detected at the flush of step "
             f"{record.step}). Weights updated after that step are suspect. To stop before "
@@ -412,7 +422,7 @@ class BestCheckpoint(Hook):
             return
         _refuse_nonfinite_weights(trainer)
         self.tracker.best, self.best_step = value, trainer.state.step
-        save_atomic(trainer.state_dict(), os.path.join(trainer.checkpoint_dir, self.filename))
+        trainer.save_checkpoint(os.path.join(trainer.checkpoint_dir, self.filename))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.tracker.best,
@@ -463,10 +473,11 @@ class CheckpointHook(Hook):
         if trainer.writers is not None:
             trainer.writers.flush()
         path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
-        save_atomic(trainer.state_dict(), path)
-        prune_checkpoints(trainer.checkpoint_dir, self.keep_last, just_saved=path)
+        trainer.save_checkpoint(path)  # under torchrun: every rank, rank 0 writes
+        if trainer.dist.is_main:
+            prune_checkpoints(trainer.checkpoint_dir, self.keep_last, just_saved=path)
+            logger.info("saved checkpoint %s", path)
         self.last_saved = trainer.state.step
-        logger.info("saved checkpoint %s", path)
         return path
 
 
@@ -475,8 +486,12 @@ def _refuse_nonfinite_weights(trainer: Trainer) -> None:
     named = [(name, p) for name, p in trainer.model.named_parameters() if p.is_floating_point()]
     if not named:
         return
-    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).tolist()
+    # FSDP parameters are DTensors: each rank checks its own shard, then all agree.
+    local = [p.to_local() if hasattr(p, "to_local") else p for _, p in named]
+    finite = torch.stack([p.detach().isfinite().all() for p in local]).tolist()
     bad = [name for (name, _), ok in zip(named, finite) if not ok]
+    if trainer.dist.strategy == "fsdp" and trainer.dist.any(bool(bad)) and not bad:
+        bad = ["(on another rank's shard)"]
     if bad:
         raise NonFiniteLossError(
             f"parameters became NaN or Inf by step {trainer.state.step} ({', '.join(bad[:5])}"

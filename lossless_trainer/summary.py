@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 KINDS = ("scalar", "histogram", "image", "text")
+REDUCTIONS = ("mean", "sum", "max", "none")
 
 _SINK: ContextVar[SummarySink | None] = ContextVar("lossless_trainer_sink", default=None)
 _PREFIX: ContextVar[str] = ContextVar("lossless_trainer_prefix", default="")
@@ -51,7 +52,8 @@ _IMAGE_FORMATS = ("HW", "CHW", "HWC", "NCHW", "NHWC")
 
 
 def write_summary(
-    name: str, value: Any, kind: str | None = None, *, dataformats: str | None = None
+    name: str, value: Any, kind: str | None = None, *, dataformats: str | None = None,
+    reduce: str = "mean",
 ) -> None:
     """Log a value to the active training run; do nothing outside one.
 
@@ -70,21 +72,26 @@ def write_summary(
         dataformats: Layout of an image, as TensorBoard spells it (``"CHW"``, ``"HWC"``,
             ``"HW"``, ``"NCHW"``, ``"NHWC"``). Inferred when omitted; CHW wins when both
             readings fit, so pass ``"HWC"`` for an HWC image only 1, 3 or 4 pixels high.
+        reduce: How a scalar is combined across processes under torchrun, at each flush:
+            ``"mean"`` (default: over every value of every rank), ``"sum"`` (the ranks'
+            window means added, e.g. a count per step over the whole job), ``"max"``, or
+            ``"none"`` (rank 0's own value). Single-process runs ignore it. Histograms,
+            images and text are written from rank 0.
 
     Scalars are averaged over the steps since the last flush. The other kinds are kept
     only on summary steps; guard costly ones with `is_summary_step()`.
     """
     if _is_compiling():  # inside torch.compile tracing: leave the graph, run eagerly
-        _write_summary_eager(name, value, kind, dataformats=dataformats)
+        _write_summary_eager(name, value, kind, dataformats=dataformats, reduce=reduce)
         return
     sink = _SINK.get()
     if sink is None:
         return
     prefix = _PREFIX.get()
-    if kind is None and type(value) is torch.Tensor and value.ndim == 0:
+    if kind is None and type(value) is torch.Tensor and value.ndim == 0 and reduce == "mean":
         sink.put_scalar(prefix + name if prefix else name, value)  # the common case, direct
     else:
-        sink.put(prefix + name if prefix else name, value, kind, dataformats)
+        sink.put(prefix + name if prefix else name, value, kind, dataformats, reduce)
 
 
 _is_compiling = torch.compiler.is_compiling
@@ -129,6 +136,7 @@ class SummaryRecord:
         counts: How many values each scalar mean is over (to weight means when merging).
         nonfinite: For each tag that received a NaN or Inf in the window, the first step
             that did.
+        nonfinite_ranks: Under torchrun, the rank where each `nonfinite` tag went bad first.
         others: ``(kind, tag, value, step)`` for histograms, images and text. Images carry
             ``(tensor, dataformats)`` as their value.
     """
@@ -137,6 +145,7 @@ class SummaryRecord:
     scalars: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    nonfinite_ranks: dict[str, int] = field(default_factory=dict)
     others: list[tuple[str, str, Any, int]] = field(default_factory=list)
 
 
@@ -184,14 +193,20 @@ class SummarySink:
 
     The trainer (the only owner) calls `begin_step` before each step, `flush` when a
     window ends, and `activate` around the run so `write_summary` can find the sink.
-    Extension point: subclasses may override `flush` to reduce across processes.
+
+    Args:
+        reducer: Combines the window's scalar sums with those of the other processes at
+            each flush (see `lossless_trainer.distributed.combine_totals`). None: this
+            process's values as they are.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reducer: Reducer | None = None) -> None:
         self.step = 0
         self.writing = False
+        self.reducer = reducer
         self._scalars: dict[str, _ScalarWindow] = {}
         self._others: dict[str, tuple[str, str, Any, int]] = {}
+        self._modes: dict[str, str] = {}  # tags logged with a reduce= other than "mean"
 
     @contextmanager
     def activate(self) -> Iterator[SummarySink]:
@@ -231,8 +246,10 @@ class SummarySink:
             window.fold()
 
     def put(self, tag: str, value: Any, kind: str | None = None,
-            dataformats: str | None = None) -> None:
+            dataformats: str | None = None, reduce: str = "mean") -> None:
         """Store `value` under `tag`, inferring its kind when not given."""
+        if reduce != "mean":
+            self._set_mode(tag, reduce)
         if kind is None:
             if type(value) is torch.Tensor and value.ndim == 0:  # the common cases first
                 self.put_scalar(tag, value)
@@ -276,6 +293,14 @@ class SummarySink:
         else:
             self._others[tag] = ("histogram", tag, tensor.detach().clone(), self.step)
 
+    def _set_mode(self, tag: str, reduce: str) -> None:
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"write_summary({tag!r}): unknown reduce={reduce!r}; use one of "
+                             f"{', '.join(REDUCTIONS)}")
+        if self._modes.setdefault(tag, reduce) != reduce:
+            raise ValueError(f"write_summary({tag!r}): logged with reduce={self._modes[tag]!r} "
+                             f"before and reduce={reduce!r} now; one tag needs one reduction")
+
     def _number(self, tag: str, value: float) -> None:
         window = self._scalars.get(tag)
         if window is None:
@@ -292,11 +317,21 @@ class SummarySink:
             step: The step to write the window at. Default: the current step.
         """
         record = SummaryRecord(step=self.step if step is None else step)
-        for tag, (total, count, first_bad) in self._totals().items():
-            record.scalars[tag] = total / count
-            record.counts[tag] = count
-            if first_bad is not None:
+        totals = self._totals()
+        if self.reducer is None:
+            for tag, (total, count, first_bad) in totals.items():
+                record.scalars[tag] = total / count
+                record.counts[tag] = count
+                if first_bad is not None:
+                    record.nonfinite[tag] = first_bad
+        else:
+            values, nonfinite = self.reducer(totals, self._modes)
+            for tag, (value, count) in values.items():
+                record.scalars[tag] = value
+                record.counts[tag] = count
+            for tag, (first_bad, rank) in nonfinite.items():
                 record.nonfinite[tag] = first_bad
+                record.nonfinite_ranks[tag] = rank
         for kind, tag, value, step in self._others.values():
             if kind == "image":
                 value = (value[0].cpu(), value[1])
@@ -353,16 +388,24 @@ class SummarySink:
         """
         return {"scalars": {tag: {"sum": total, "count": count,
                                   "first_bad": -1 if first_bad is None else first_bad}
-                            for tag, (total, count, first_bad) in self._totals().items()}}
+                            for tag, (total, count, first_bad) in self._totals().items()},
+                "modes": dict(self._modes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a pending window saved by `state_dict`."""
         self._scalars = {}
+        self._modes = dict(state.get("modes", {}))
         for tag, saved in state["scalars"].items():
             window = self._scalars[tag] = _ScalarWindow()
             window.py_sum = saved["sum"]
             window.py_count = saved["count"]
             window.py_first_bad = None if saved["first_bad"] < 0 else saved["first_bad"]
+
+
+# Combines a window's scalar totals across processes: ({tag: (sum, count, first_bad)},
+# {tag: mode}) -> ({tag: (value, count)}, {tag: (first_bad, rank)}).
+Reducer = Callable[[dict[str, tuple[float, int, "int | None"]], dict[str, str]],
+                   tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]]
 
 
 def _infer_kind(tag: str, value: Any) -> str:

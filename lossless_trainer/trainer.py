@@ -29,15 +29,18 @@ from .checkpoint import (
     load_newest_valid,
     remove_stale_temporaries,
     restore_rng,
+    save_atomic,
     set_aside_newer,
 )
 from .data import (
+    first_checked,
     is_one_shot,
     iterate_resumed_epoch,
     loader_generators,
     move_to_device,
     start_epoch,
 )
+from .distributed import Distributed
 from .errors import NonFiniteLossError
 from .evaluation import Evaluator, run_evaluation
 from .hooks import (
@@ -139,6 +142,19 @@ class Trainer:
             the current step finishes, a checkpoint is saved, summaries are flushed, and
             `fit` returns with ``stop_reason`` set to the signal's name. A second SIGINT
             aborts at once. Only in the main thread.
+        strategy: Under torchrun: ``"auto"`` or ``"ddp"`` wraps the model in
+            DistributedDataParallel; ``"fsdp"`` shards it with FSDP2's ``fully_shard``.
+            A single process (no torchrun) ignores it and trains plainly.
+        find_unused_parameters: Passed to DistributedDataParallel. Needed when some
+            parameters get no gradient on some steps (an optional loss, an unused head).
+        fsdp_units: With ``strategy="fsdp"``: sub-modules to shard as units of their own
+            (module classes such as a transformer block, or a predicate on modules);
+            the root is always sharded. Default: the root only.
+
+    Under ``torchrun --nproc_per_node=N`` the same call trains data-parallel: each rank
+    uses its own device, a map-style DataLoader is re-created with a
+    `DistributedSampler`, scalars are averaged across ranks at each flush, and rank 0
+    alone writes logs and checkpoints. See docs/distributed.md.
     """
 
     def __init__(
@@ -169,6 +185,9 @@ class Trainer:
         keep_last: int = 3,
         resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
         handle_signals: bool = True,
+        strategy: Literal["auto", "ddp", "fsdp"] = "auto",
+        find_unused_parameters: bool = False,
+        fsdp_units: Sequence[type[nn.Module]] | Callable[[nn.Module], bool] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -205,7 +224,18 @@ class Trainer:
                 "DataLoader, or an object whose __iter__ starts a new pass), or use max_steps"
             )
 
-        self.device = _resolve_device(device)
+        self.dist = Distributed.setup(device, strategy)
+        self.device = self.dist.device
+        if self.dist.strategy == "fsdp":
+            if isinstance(optimizer, torch.optim.Optimizer):
+                raise ValueError(
+                    "strategy='fsdp' replaces the model's parameters with sharded ones, so an "
+                    "optimizer built beforehand would update the old ones; pass a factory "
+                    "instead, e.g. optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)"
+                )
+            if precision == "fp16":
+                raise ValueError("precision='fp16' is not supported with strategy='fsdp' "
+                                 "(its loss scaling would differ between shards); use 'bf16'")
         self.model = model.to(self.device)
         if compile:
             if not isinstance(compile, (bool, dict)):
@@ -214,6 +244,9 @@ class Trainer:
             self.model.compile(**(compile if isinstance(compile, dict) else {}))
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
+        # What the step calls: the DDP wrapper, or the model itself. `self.model` stays
+        # the user's module, so checkpoints have the same keys with or without torchrun.
+        self._train_model = self.dist.wrap(self.model, find_unused_parameters, fsdp_units)
         self.optimizer = _build_optimizer(optimizer, self.model)
         self.precision = Precision(precision, self.device)
         self.lr_scheduler = _build_scheduler(lr_scheduler, self.optimizer)
@@ -225,12 +258,14 @@ class Trainer:
         self.last_eval: dict[str, float] | None = None  # the latest evaluate() results
         self._clipping = clip_grad_norm is not None or clip_grad_value is not None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
-        self.data = data
+        self.data, self._data_sharded = self.dist.shard(data, seed if seed is not None else 0)
         self.max_steps = max_steps
         # No limit at all means one epoch; a one-shot iterator then runs until exhausted.
         unlimited = max_epochs is None and max_steps is None and not is_one_shot(data)
         self.max_epochs = 1 if unlimited else max_epochs
-        self.log_dir = os.fspath(log_dir) if log_dir is not None else _fresh_run_dir()
+        # Every rank must agree on the run directory: rank 0 names a fresh one.
+        self.log_dir = os.fspath(log_dir) if log_dir is not None \
+            else self.dist.on_main(_fresh_run_dir)
         self.log_every = log_every
         self.seed = seed
         self.finite_check = finite_check
@@ -239,7 +274,7 @@ class Trainer:
         self.handle_signals = handle_signals
 
         self.state = TrainState()
-        self.sink = SummarySink()
+        self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None)
         # Per-step values hooks may read. `batch` is as the data yielded it.
         self.batch: Any = None
         self.micro_batches: list[Any] = []
@@ -257,7 +292,7 @@ class Trainer:
             builtin.append(EvaluationHook(eval_every))
         if keep_last:
             builtin.append(CheckpointHook(checkpoint_every, keep_last))
-        if progress:
+        if progress and self.dist.is_main:
             builtin.append(ProgressHook())
         self.hooks = HookList([*builtin, *callbacks])
         self._after_backward = self.hooks.bound("after_backward")
@@ -297,6 +332,8 @@ class Trainer:
                 earlier run logged after it is dropped, so no step appears twice. None
                 appends and drops nothing (a standalone `evaluate`).
         """
+        if not self.dist.is_main:  # rank 0 alone writes; the others' values reach it
+            return BackgroundWriter([])
         os.makedirs(self.log_dir, exist_ok=True)
         return BackgroundWriter([
             TensorBoardWriter(self.log_dir,
@@ -333,6 +370,9 @@ class Trainer:
                                                 self.precision)
         finally:
             self._restore_rng(rng)
+        # Every rank evaluated the same data; rank 0's numbers make every rank decide
+        # alike (early stopping, best checkpoint) even if results differ in the last bit.
+        results, summaries = self.dist.broadcast((results, summaries))
         for key in summaries.keys() & results.keys():
             raise ValueError(f"{key!r} is both an evaluator key and a write_summary tag in "
                              "eval mode; rename one")
@@ -354,27 +394,54 @@ class Trainer:
 
         Model, optimizer, counters, the RNG states (now, and as the current epoch
         began), the data position, hook states and the pending summary window.
+
+        Under torchrun every rank must call it (it gathers each rank's RNG states, data
+        position, hook states and summary window into ``"ranks"`` on rank 0; with FSDP it
+        also gathers the full, unsharded model and optimizer state to rank 0). Only rank
+        0's result is complete.
         """
-        data_state = self.data.state_dict() if _is_stateful(self.data) else None
-        return {
-            "format": FORMAT_VERSION,
-            "trainer": {"step": self.state.step, "epoch": self.state.epoch,
-                        "batch_in_epoch": self.state.batch_in_epoch},
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-            "precision": self.precision.state_dict(),
+        per_rank = {
             "rng": {"epoch_start": self._epoch_rng, "now": self._capture_rng()},
-            "data": data_state,
+            "data": self.data.state_dict() if _is_stateful(self.data) else None,
             "hooks": self.hooks.state_dict(),
             "summary": self.sink.state_dict(),
         }
+        model_state, optimizer_state = self._model_optimizer_state()
+        state = {
+            "format": FORMAT_VERSION,
+            "trainer": {"step": self.state.step, "epoch": self.state.epoch,
+                        "batch_in_epoch": self.state.batch_in_epoch},
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            **per_rank,
+        }
+        if self.dist.enabled:
+            state["world_size"] = self.dist.world_size
+            state["ranks"] = self.dist.gather_to_main(per_rank)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned. RNG states and the data position are
-        applied when the next epoch's iteration starts in `fit`."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        applied when the next epoch's iteration starts in `fit`.
+
+        Raises:
+            ValueError: the checkpoint was written by a different number of processes.
+        """
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise ValueError(
+                f"it was written by {saved_world} process(es) and this run has "
+                f"{self.dist.world_size}: the per-process RNG states and the position in "
+                "the sharded data cannot be carried over exactly. Resume with the same "
+                f"number of processes (torchrun --nproc_per_node={saved_world} ...), or "
+                "start a new run in another log_dir from its weights: model.load_state_dict("
+                "torch.load(path, weights_only=True)['model'])"
+            )
+        if self.dist.enabled:
+            state = {**state, **state["ranks"][self.dist.rank]}
+        self._load_model_optimizer_state(state["model"], state["optimizer"])
         if (state["lr_scheduler"] is None) != (self.lr_scheduler is None):
             raise ValueError("the checkpoint and this run disagree on having an lr_scheduler")
         if self.lr_scheduler is not None:
@@ -389,6 +456,50 @@ class Trainer:
         self.sink.load_state_dict(state["summary"])
         self._pending_rng = state["rng"]
 
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write `state_dict` to `path` atomically (a crash leaves the old file or the new
+        one, never a partial one). Under torchrun every rank calls it; rank 0 writes,
+        and no rank returns before the file is complete."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            save_atomic(state, os.fspath(path))
+        self.dist.barrier()
+
+    def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self.dist.strategy != "fsdp":
+            return self.model.state_dict(), self.optimizer.state_dict()
+        # Full, unsharded tensors gathered to rank 0's CPU: the file does not depend on
+        # the number of processes, and loads into the plain model.
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(self.model, options=options),
+                get_optimizer_state_dict(self.model, self.optimizer, options=options))
+
+    def _load_model_optimizer_state(self, model_state: dict[str, Any],
+                                    optimizer_state: dict[str, Any]) -> None:
+        if self.dist.strategy != "fsdp":
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, model_state, options=options)
+        if optimizer_state.get("state"):
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+        else:  # a stateless optimizer (plain SGD), which torch's loader cannot place
+            for group, saved in zip(self.optimizer.param_groups, optimizer_state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+
     def fit(self) -> TrainState:
         """Train until `max_steps` or `max_epochs` (see the class docs) or a stop request.
 
@@ -400,16 +511,25 @@ class Trainer:
             SIGTERM or SIGINT it is ``"SIGTERM"`` or ``"SIGINT"``, and a checkpoint of
             the last completed step has been saved.
         """
+        dist = self.dist
+        if dist.enabled and not dist.collectives_ok:
+            raise RuntimeError("an earlier fit failed on this rank; the other ranks cannot be "
+                               "trusted to be in step with it. Restart the job to resume")
         if not self._resume_checked:  # the first fit of this Trainer
             if self.seed is not None:
-                seed_everything(self.seed)
-            remove_stale_temporaries(self.checkpoint_dir)
+                # Each rank draws its own dropout masks and augmentations; DDP and FSDP
+                # start every rank from rank 0's weights whatever the seed.
+                seed_everything(self.seed + dist.rank)
             self._resume()
             self._resume_checked = True
+            dist.check_data(self.data, self._data_sharded)
         self.exception = None
         self.state.stop_reason = self._stop_request = None
         hooks, state, sink = self.hooks, self.state, self.sink
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
+        # Under torchrun every rank must stop at the same step: stop requests (hooks,
+        # signals) are put to a vote, which agrees one step after any rank asked.
+        vote = dist.vote_stop if dist.enabled else None
         max_steps = self.max_steps if self.max_steps is not None else sys.maxsize
         max_epochs = self.max_epochs if self.max_epochs is not None else sys.maxsize
         # The last step is a summary step too, so media written there are kept.
@@ -421,7 +541,7 @@ class Trainer:
             try:
                 hooks.call("before_train", self)
                 while state.stop_reason is None:
-                    if self._stop_request is not None:
+                    if self._stop_request is not None and (vote is None or dist.stop_agreed):
                         state.stop_reason = self._stop_request
                     elif state.step >= max_steps:
                         state.stop_reason = "max_steps"
@@ -446,8 +566,12 @@ class Trainer:
                         state.batch_in_epoch += len(group)
                         for hook in after_step:
                             hook(self)
-                        if self._stop_request is not None or step >= max_steps:
-                            state.stop_reason = self._stop_request or "max_steps"
+                        stop = self._stop_request is not None
+                        if vote is not None:
+                            stop = vote(stop)
+                        if stop or step >= max_steps:
+                            state.stop_reason = (self._stop_request or "stopped on another rank"
+                                                 ) if stop else "max_steps"
                             break
                     else:
                         self._batches = None
@@ -455,6 +579,14 @@ class Trainer:
             except BaseException as exc:
                 self.exception = exc
                 self.batch = None
+                if dist.enabled:
+                    # The other ranks may be blocked in a collective this rank will never
+                    # join: teardown must not start one, so the error surfaces and
+                    # torchrun stops the job.
+                    dist.collectives_ok = False
+                    if hasattr(exc, "add_note"):
+                        exc.add_note(f"[lossless_trainer] on rank {dist.rank} of "
+                                     f"{dist.world_size}")
                 try:
                     self.hooks.teardown("on_exception", self, exc)
                     self.hooks.teardown("after_train", self)  # failures logged; exc wins
@@ -463,6 +595,7 @@ class Trainer:
                 raise
             self.batch = None
             try:
+                dist.end_votes()
                 errors = self.hooks.teardown("after_train", self)
             finally:
                 errors += self._close_writers()
@@ -481,23 +614,34 @@ class Trainer:
         return []
 
     def _resume(self) -> None:
-        """Load the checkpoint `resume` points to, if any."""
-        if self.resume is False:
-            existing = list_checkpoints(self.checkpoint_dir)
-            if existing:
-                raise ValueError(
-                    f"resume=False but {self.checkpoint_dir} already holds "
-                    f"{len(existing)} checkpoint(s) of an earlier run; starting fresh there "
-                    "would mix the two runs. Use another log_dir, delete them, or resume"
-                )
+        """Load the checkpoint `resume` points to, if any. Under torchrun, rank 0 picks
+        it and every rank loads that same file."""
+        loaded: dict[str, Any] = {}
+
+        def choose() -> str | None:
+            remove_stale_temporaries(self.checkpoint_dir)
+            if self.resume is False:
+                existing = list_checkpoints(self.checkpoint_dir)
+                if existing:
+                    raise ValueError(
+                        f"resume=False but {self.checkpoint_dir} already holds "
+                        f"{len(existing)} checkpoint(s) of an earlier run; starting fresh "
+                        "there would mix the two runs. Use another log_dir, delete them, or "
+                        "resume"
+                    )
+                return None
+            if self.resume == "auto":
+                found = load_newest_valid(self.checkpoint_dir)
+                if found is None:
+                    return None
+                loaded["state"] = found[1]
+                return found[0]
+            return self.resume
+
+        path = self.dist.on_main(choose)
+        if path is None:
             return
-        if self.resume == "auto":
-            found = load_newest_valid(self.checkpoint_dir)
-            if found is None:
-                return
-            path, state = found
-        else:
-            path, state = self.resume, load_checkpoint(self.resume)
+        state = loaded["state"] if "state" in loaded else load_checkpoint(path)
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -506,9 +650,11 @@ class Trainer:
                 "different model, optimizer or script?"
             ) from exc
         self.resumed_from = path
-        logger.warning("resumed from %s at step %d", path, self.state.step)
-        for moved in set_aside_newer(self.checkpoint_dir, self.state.step):
-            logger.warning("set aside %s: it is newer than the checkpoint resumed from", moved)
+        if self.dist.is_main:
+            logger.warning("resumed from %s at step %d", path, self.state.step)
+            for moved in set_aside_newer(self.checkpoint_dir, self.state.step):
+                logger.warning("set aside %s: it is newer than the checkpoint resumed from",
+                               moved)
 
     def _epoch_batches(self) -> Iterator[Any]:
         """An iterator over this epoch's batches; after a resume, from where it stopped."""
@@ -527,7 +673,11 @@ class Trainer:
                 return iterate_resumed_epoch(self.data, skip, epoch,
                                              lambda: self._restore_rng(pending["now"]))
         self._epoch_rng = self._capture_rng()
-        return start_epoch(self.data, epoch, first_in_process)
+        batches = start_epoch(self.data, epoch, first_in_process)
+        if first_in_process and self.dist.enabled and not self._data_sharded:
+            return first_checked(batches, lambda batch: self.dist.check_first_batch(
+                batch, self.state.step + 1))
+        return batches
 
     def _capture_rng(self) -> dict[str, Any]:
         """Global RNG states plus those of the DataLoader's own generators."""
@@ -633,7 +783,11 @@ class Trainer:
 
     def _forward(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The model's checked losses on one batch, and their sum."""
-        losses = check_losses(self.model(batch), step, self._model_name)
+        try:
+            output = self._train_model(batch)
+        except RuntimeError as exc:  # DDP's unused-parameter error, made clear
+            raise self.dist.explain(exc, step, self.model) from exc
+        losses = check_losses(output, step, self._model_name)
         values = iter(losses.values())
         total = next(values)
         for loss in values:
@@ -641,9 +795,11 @@ class Trainer:
         return losses, total
 
     def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
-        """DistributedDataParallel's `no_sync`, for all but the last micro-batch: their
+        """DDP's `no_sync` (FSDP's equivalent), for all but the last micro-batch: their
         gradients are all-reduced once, with the last one's."""
-        no_sync = getattr(self.model, "no_sync", None)
+        if self.dist.enabled:
+            return self.dist.no_sync(self._train_model)
+        no_sync = getattr(self._train_model, "no_sync", None)  # a model the user wrapped
         return no_sync() if no_sync is not None else NO_CONTEXT
 
     def _clip(self) -> None:
@@ -657,17 +813,27 @@ class Trainer:
             torch.nn.utils.clip_grad_value_(self._params, self.clip_grad_value)
             if self.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor; the norm is already global
+            norm = norm.full_tensor()
         self.sink.put_scalar("grad_norm", norm)
 
     def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
-        if bool(torch.isfinite(total)):
+        finite = bool(torch.isfinite(total))
+        if self.dist.enabled:  # every rank stops together, or the others would hang
+            if not self.dist.any(not finite):
+                return
+        elif finite:
             return
         step = self.state.step + 1
         bad = {key: step for key, loss in losses.items() if not bool(torch.isfinite(loss))}
+        where = ", ".join(repr(key) for key in bad) or "the total"
+        if self.dist.enabled:
+            per_rank = self.dist.all_gather(None if finite else sorted(bad))
+            where = "; ".join(f"rank {rank}: {', '.join(map(repr, keys)) or 'the total'}"
+                              for rank, keys in enumerate(per_rank) if keys is not None)
         raise NonFiniteLossError(
-            f"non-finite loss (NaN or Inf) at step {step}: "
-            f"{', '.join(repr(k) for k in bad) or 'the total'}. The optimizer did not step; "
-            "the weights are those of the previous step",
+            f"non-finite loss (NaN or Inf) at step {step}: {where}. The optimizer did not "
+            "step; the weights are those of the previous step",
             bad,
         )
 
@@ -740,13 +906,6 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Normalise "cuda" to "cuda:<current>" so device comparisons on tensors are exact.
-    return torch.empty(0, device=device).device
 
 
 def _build_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,480 @@
+"""Distributed training under torchrun: the process group, device placement, DDP and FSDP
+wrapping, and the few collectives the trainer needs.
+
+The same script runs on one process and under ``torchrun --nproc_per_node=N``. With no
+torchrun variables in the environment (and no process group initialised by the user),
+`Distributed` is inert: every method is a cheap no-op and nothing is imported from
+``torch.distributed`` beyond the module itself.
+
+Assumptions made here:
+
+* processes are started by torchrun (or anything that sets ``RANK``, ``WORLD_SIZE``,
+  ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``), or the user initialised
+  ``torch.distributed`` before building the Trainer;
+* every rank runs the same script with the same options, and its data yields the same
+  number of batches per epoch (a DataLoader over a map-style data set is sharded with
+  `DistributedSampler`, which guarantees it);
+* the run directory is on a file system every rank can read (checkpoints are written by
+  rank 0 and read by all ranks on resume), as on one node or a shared file system.
+
+The trainer talks to the other ranks at flushes (one gather of the window's scalar sums),
+at checkpoints, on resume, once per step to agree on stopping (an asynchronous all-reduce
+of one integer on a CPU side channel, so it never waits on the accelerator), and nowhere
+else besides the gradient all-reduce DDP or FSDP does itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
+
+from .data import rebuild_loader
+
+__all__ = ["Distributed", "combine_totals"]
+
+Strategy = Literal["auto", "ddp", "fsdp"]
+# A tag's window: (sum of its values, how many, first non-finite step or None).
+Totals = dict[str, tuple[float, int, int | None]]
+
+_CONTROL_GROUP: Any = None  # one CPU (gloo) side channel per process, made on first use
+
+
+def _env_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Distributed:
+    """This process's place in the run, and the collectives the trainer uses.
+
+    Built by the Trainer with `Distributed.setup`; hooks read `rank`, `world_size` and
+    `is_main` (for work only one process should do, like writing a file).
+
+    Attributes:
+        enabled: Whether more than one process trains.
+        rank: This process's rank (0 when not distributed).
+        world_size: How many processes train.
+        local_rank: The rank on this node; picks the GPU.
+        device: The device this process trains on.
+        strategy: ``"ddp"`` or ``"fsdp"`` when distributed, else None.
+    """
+
+    def __init__(self, device: torch.device, strategy: str | None = None) -> None:
+        self.enabled = strategy is not None
+        self.device = device
+        self.strategy = strategy
+        self.rank = dist.get_rank() if self.enabled else 0
+        self.world_size = dist.get_world_size() if self.enabled else 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.enabled else 0
+        # After an error on this rank, the others may be blocked elsewhere: no collective
+        # may be started any more, or teardown would wait forever instead of exiting.
+        self.collectives_ok = self.enabled
+        self._stop_flag: torch.Tensor | None = None
+        self._stop_work: Any = None
+        self._stop_agreed = False
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes logs and checkpoints."""
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls, device: str | torch.device | None, strategy: Strategy) -> Distributed:
+        """Join the process group torchrun describes, or stay single-process.
+
+        Args:
+            device: The Trainer's `device` option. Under torchrun, ``None`` or ``"cuda"``
+                means this rank's GPU, ``cuda:<LOCAL_RANK>``.
+            strategy: ``"auto"`` (DDP under torchrun), ``"ddp"`` or ``"fsdp"``. A single
+                process ignores it, so the same script runs on a laptop.
+        """
+        if strategy not in ("auto", "ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'auto', 'ddp' or 'fsdp', got {strategy!r}")
+        if _env_world_size() <= 1:
+            return cls(_resolve_device(device, local_rank=None))
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but this build of torch has no torch.distributed")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        resolved = _resolve_device(device, local_rank)
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        if not dist.is_initialized():
+            for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+                if var not in os.environ:
+                    raise RuntimeError(
+                        f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {var} is not set: launch "
+                        "with torchrun (torchrun --nproc_per_node=N script.py), which sets "
+                        "the rendezvous variables for every process"
+                    )
+            backend = "nccl" if resolved.type == "cuda" else "gloo"
+            dist.init_process_group(backend, device_id=resolved if backend == "nccl" else None)
+            atexit.register(_destroy_process_group)
+        _control_group()  # collective: every rank builds the Trainer at the same point
+        return cls(resolved, "ddp" if strategy == "auto" else strategy)
+
+    # -- wrapping -----------------------------------------------------------------------
+
+    def wrap(self, model: nn.Module, find_unused_parameters: bool,
+             fsdp_units: Sequence[type[nn.Module]] | Callable[[nn.Module], bool] | None,
+             ) -> nn.Module:
+        """The module the training step calls: DDP around `model`, or `model` itself
+        after FSDP2's `fully_shard` (which shards it in place). Unchanged when not
+        distributed."""
+        if not self.enabled:
+            return model
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters)
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP shards what each rank holds; start every rank from rank 0's weights, as DDP
+        # does, so a run does not depend on how each process happened to initialise.
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        if fsdp_units is not None:
+            wanted = _is_instance_of(fsdp_units) \
+                if isinstance(fsdp_units, (type, Sequence)) else fsdp_units
+            units = [m for m in model.modules() if m is not model and wanted(m)]
+            for unit in reversed(units):  # innermost first, as fully_shard requires
+                fully_shard(unit)
+        fully_shard(model)
+        return model
+
+    def no_sync(self, train_model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """Skip the gradient all-reduce for a micro-batch that is not the last of a step."""
+        if self.strategy == "ddp":
+            return train_model.no_sync()  # type: ignore[operator]
+        if self.strategy == "fsdp":
+            return _fsdp_no_sync(train_model)
+        return contextlib.nullcontext()
+
+    # -- data -----------------------------------------------------------------------------
+
+    def shard(self, data: Iterable[Any], seed: int) -> tuple[Iterable[Any], bool]:
+        """Give each rank its part of `data`.
+
+        A DataLoader over a map-style data set is rebuilt with a `DistributedSampler`
+        (keeping its batch size, shuffling, collate function, workers and pinning).
+        Anything else is returned as it is: it must yield this rank's shard itself.
+
+        Returns:
+            The data to iterate, and whether it was sharded here.
+        """
+        if not self.enabled or not isinstance(data, DataLoader) \
+                or isinstance(data.dataset, IterableDataset):
+            return data, False
+        sampler = data.sampler
+        if isinstance(sampler, DistributedSampler):
+            return data, True
+        if data.batch_sampler is not None and type(data.batch_sampler) is not BatchSampler:
+            raise ValueError(
+                f"the DataLoader uses a custom batch_sampler ({type(data.batch_sampler).__name__})"
+                ", which cannot be sharded across ranks automatically; make it yield only "
+                f"this rank's batches (rank {self.rank} of {self.world_size}) and the same "
+                "number of batches on every rank"
+            )
+        if isinstance(sampler, RandomSampler):
+            if sampler.replacement or sampler._num_samples is not None:  # noqa: SLF001
+                raise ValueError(
+                    "the DataLoader's RandomSampler draws with replacement or a custom "
+                    "num_samples, which DistributedSampler cannot reproduce; pass a sampler "
+                    "that shards by rank yourself"
+                )
+            shuffle = True
+        elif isinstance(sampler, SequentialSampler):
+            shuffle = False
+        else:
+            raise ValueError(
+                f"the DataLoader uses a custom sampler ({type(sampler).__name__}), which cannot "
+                "be sharded across ranks automatically; wrap your sampling so each rank draws "
+                "its own part (for example with torch.utils.data.DistributedSampler)"
+            )
+        # Every rank must draw the same permutation to take disjoint parts of it.
+        sharded = DistributedSampler(data.dataset, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=False)
+        return rebuild_loader(data, sampler=sharded), True
+
+    def check_data(self, data: Iterable[Any], sharded: bool) -> None:
+        """Before training: every rank must see as many batches, or one would wait for
+        the others forever at the end of an epoch."""
+        if not self.collectives_ok:
+            return
+        try:
+            length: int | None = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        lengths = self.all_gather(length)
+        if length is not None and len(set(lengths)) > 1:
+            raise ValueError(
+                f"the data yields a different number of batches per rank ({lengths}); every "
+                "rank must run the same number of steps. Shard a map-style data set with a "
+                "DataLoader (the Trainer adds a DistributedSampler), or make each rank's "
+                "shard the same length"
+            )
+
+    def check_first_batch(self, batch: Any, step: int) -> None:
+        """Warn if every rank got the very same first batch: the data is probably not
+        sharded, and each rank trains on the same samples."""
+        fingerprints = self.all_gather(_fingerprint(batch))
+        if fingerprints[0] is not None and len(set(fingerprints)) == 1:
+            import warnings
+
+            warnings.warn(
+                f"every rank got the same batch at step {step}: the data does not seem to be "
+                f"sharded, so each of the {self.world_size} ranks trains on the same samples. "
+                "An IterableDataset or a plain iterable must yield only this rank's part "
+                "(see torch.distributed.get_rank()); a DataLoader over a map-style data set "
+                "is sharded automatically", stacklevel=4,
+            )
+
+    # -- collectives ----------------------------------------------------------------------
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (``[obj]`` when not distributed)."""
+        if not self.collectives_ok:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=_control_group())
+        return gathered
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0, in rank order; None on the other ranks."""
+        if not self.collectives_ok:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=_control_group())
+        return gathered
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.collectives_ok:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=_control_group())
+        return box[0]
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on rank 0 only and return its result on every rank. If it raises,
+        every rank raises (the same type when it can be rebuilt), so none is left
+        waiting for the others."""
+        if not self.collectives_ok:
+            return fn()
+        result: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                result = ("ok", fn())
+            except Exception as exc:
+                result = ("error", (type(exc), str(exc)))
+                self.broadcast(result)
+                raise
+        result = self.broadcast(result)
+        if result[0] == "error":
+            kind, message = result[1]
+            try:
+                error = kind(f"{message} (raised on rank 0)")
+            except Exception:
+                error = RuntimeError(f"rank 0 failed: {kind.__name__}: {message}")
+            raise error
+        return result[1]
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.collectives_ok:
+            dist.barrier(group=_control_group())
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank (synchronous)."""
+        if not self.collectives_ok:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group())
+        return bool(value.item())
+
+    def vote_stop(self, requested: bool) -> bool:
+        """Agree on stopping without making any rank wait: True on every rank at the same
+        step, one step after any rank requested a stop.
+
+        Each call collects the previous call's vote (long finished by now) and starts
+        an asynchronous all-reduce of this one, on a CPU side channel.
+        """
+        if not self.collectives_ok:
+            return requested
+        if self._stop_work is not None:
+            self._stop_work.wait()
+            self._stop_agreed = self._stop_agreed or bool(self._stop_flag.item())  # type: ignore[union-attr]
+        self._stop_flag = torch.tensor([int(requested)], dtype=torch.int32)
+        self._stop_work = dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX,
+                                          group=_control_group(), async_op=True)
+        return self._stop_agreed
+
+    @property
+    def stop_agreed(self) -> bool:
+        """The last agreed stop decision (False when not distributed)."""
+        return self._stop_agreed
+
+    def end_votes(self) -> None:
+        """Collect the outstanding vote, so the next `fit` starts clean."""
+        if self._stop_work is not None and self.collectives_ok:
+            self._stop_work.wait()
+        self._stop_work = self._stop_flag = None
+        self._stop_agreed = False
+
+    def reduce_totals(self, totals: Totals, modes: dict[str, str]
+                      ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
+        """Combine every rank's window: one gather per flush. See `combine_totals`."""
+        if not self.collectives_ok:
+            return combine_totals([(totals, modes)])
+        return combine_totals(self.all_gather((totals, modes)))
+
+    def explain(self, error: RuntimeError, step: int, model: nn.Module) -> BaseException:
+        """A clear error for DDP's unused-parameter failure; other errors unchanged."""
+        text = str(error)
+        if "Expected to have finished reduction in the prior iteration" not in text:
+            return error
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        unused: list[str] = []
+        match = re.search(r"did not receive grad for rank \d+:\s*([\d\s]+)", text)
+        if match:
+            unused = [names[int(i)] for i in match.group(1).split() if int(i) < len(names)]
+        which = f" ({', '.join(unused[:8])}{', ...' if len(unused) > 8 else ''})" if unused else ""
+        return RuntimeError(
+            f"DistributedDataParallel: some parameters{which} received no gradient in step "
+            f"{step - 1} on rank {self.rank}, typically because a loss is not computed on "
+            "every step (an optional loss or an unused head). Pass "
+            "Trainer(find_unused_parameters=True) to let DDP handle it (it costs a traversal "
+            "of the autograd graph per step), or make every parameter take part in the loss"
+        )
+
+
+def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]]
+                   ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
+    """Combine the scalar windows of every rank.
+
+    Each rank sends ``({tag: (sum, count, first_bad_step)}, {tag: mode})`` for the tags
+    it wrote (a tag may exist on some ranks only). A tag's mode is ``"mean"`` unless the
+    rank logged it with another ``reduce=``. Per tag:
+
+    * ``"mean"``: the mean over every value on every rank (sums and counts pooled);
+    * ``"sum"``: the sum over ranks of each rank's window mean;
+    * ``"max"``: the largest of the ranks' window means;
+    * ``"none"``: rank 0's window mean, or the lowest rank that has the tag.
+
+    Returns:
+        ``{tag: (value, count)}`` with the count pooled over ranks, and
+        ``{tag: (first non-finite step, rank)}`` for tags that went NaN or Inf anywhere.
+    """
+    values: dict[str, tuple[float, int]] = {}
+    nonfinite: dict[str, tuple[int, int]] = {}
+    tags: dict[str, None] = {}
+    for totals, _ in per_rank:
+        tags.update(dict.fromkeys(totals))
+    for tag in tags:
+        mode = next((modes[tag] for _, modes in per_rank if tag in modes), "mean")
+        present = [(rank, totals[tag]) for rank, (totals, _) in enumerate(per_rank)
+                   if tag in totals and totals[tag][1] > 0]
+        if not present:
+            continue
+        count = sum(c for _, (_, c, _) in present)
+        means = [s / c for _, (s, c, _) in present]
+        if mode == "mean":
+            value = math.fsum(s for _, (s, _, _) in present) / count
+        elif mode == "sum":
+            value = math.fsum(means)
+        elif mode == "max":
+            # A NaN on one rank must not disappear behind a larger finite value.
+            value = next((m for m in means if math.isnan(m)), max(means))
+        else:
+            value = means[0]
+        values[tag] = (value, count)
+        bad = [(first, rank) for rank, (_, _, first) in present if first is not None]
+        if bad:
+            nonfinite[tag] = min(bad)
+    return values, nonfinite
+
+
+def _is_instance_of(classes: Any) -> Callable[[nn.Module], bool]:
+    classes = (classes,) if isinstance(classes, type) else tuple(classes)
+    for cls in classes:
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"fsdp_units must be nn.Module classes or a predicate, got {cls!r}")
+    return lambda module: isinstance(module, classes)
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module) -> Any:
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def _fingerprint(batch: Any) -> float | None:
+    """A number that differs between different batches (almost surely); None if the batch
+    holds no tensor."""
+    tensors: list[torch.Tensor] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    collect(batch)
+    if not tensors:
+        return None
+    with torch.no_grad():
+        return float(sum(t.detach().double().sum().cpu() + t.numel() for t in tensors))
+
+
+def _resolve_device(device: str | torch.device | None, local_rank: int | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        device = torch.device("cuda", local_rank)  # one GPU per process
+    # Normalise "cuda" to "cuda:<current>" so device comparisons on tensors are exact.
+    return torch.empty(0, device=device).device
+
+
+def _control_group() -> Any:
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:
+        # Flags and small objects travel on the CPU, so reading them never waits on a GPU
+        # stream; under gloo this is a second group, so it never interleaves with DDP's.
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def _destroy_process_group() -> None:
+    global _CONTROL_GROUP
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    _CONTROL_GROUP = None

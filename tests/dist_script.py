@@ -1,0 +1,209 @@
+"""Training runs for the distributed tests, launched by real torchrun:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 dist_script.py MODE OUT
+
+Modes:
+    equivalence  DDP with batch 8 per rank, SGD, 12 steps, log_every=1 (plus a run with
+                 batch 4 and 2 accumulation steps, counting gradient all-reduces), and
+                 summaries with every `reduce=` mode and a key only rank 1 writes.
+    optional     A head used on even steps only: DDP's error without
+                 find_unused_parameters, training with it, and a stop requested on one
+                 rank only.
+    resume       Shuffled data and dropout, a checkpoint every 3 steps; with KILL_AT set,
+                 rank 1 SIGKILLs itself after that step (run again to resume).
+    fsdp         strategy="fsdp" with the equivalence setup.
+
+Rank 0 saves the final parameters (and whatever the test checks) to OUT/<name>.pt; every
+rank saves its own to OUT/<name>-rank<r>.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lossless_trainer import Hook, Model, Trainer, write_summary
+
+
+class Regressor(Model):
+    """8 -> 16 -> 1, mean squared error, and summaries with every reduction."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Dropout(dropout))
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, batch):
+        x, y = batch
+        prediction = self.head(self.body(x)).squeeze(-1)
+        if not self.training:
+            return prediction
+        rank = float(dist.get_rank()) if dist.is_initialized() else 0.0
+        write_summary("rank/mean", rank)
+        write_summary("rank/sum", rank + 1.0, reduce="sum")
+        write_summary("rank/max", rank, reduce="max")
+        write_summary("rank/none", rank + 10.0, reduce="none")
+        if rank == 1.0:
+            write_summary("only_rank1", 3.0)
+        return {"mse": F.mse_loss(prediction, y)}
+
+
+class TwoHeads(Model):
+    """Head b is used, and its loss computed, on even steps only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.a = nn.Linear(16, 1)
+        self.b = nn.Linear(16, 1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch):
+        x, y = batch
+        h = torch.tanh(self.body(x))
+        losses = {"a": F.mse_loss(self.a(h).squeeze(-1), y)}
+        self.calls += 1
+        if int(self.calls) % 2 == 0:
+            losses["b"] = F.mse_loss(self.b(h).squeeze(-1), -y)
+        return losses
+
+
+def dataset(n: int = 192) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return TensorDataset(x, x.sum(1) * 0.3 + 0.1 * torch.randn(n, generator=g))
+
+
+def save(out: str, name: str, value: object) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(value, os.path.join(out, f"{name}-rank{rank}.pt"))
+
+
+def count_allreduces(ddp: nn.Module) -> list[int]:
+    """Register a DDP comm hook that counts gradient all-reduces, then does the usual one."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = [0]
+
+    def counting_hook(state, bucket):
+        calls[0] += 1
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    return calls
+
+
+def equivalence(out: str, strategy: str = "auto") -> None:
+    # FSDP runs with momentum, so resuming it restores optimizer state too.
+    momentum = 0.9 if strategy == "fsdp" else 0.0
+    for name, batch, accum in (("plain", 8, 1), ("accum", 4, 2)):
+        if strategy == "fsdp" and name == "accum":
+            continue
+        torch.manual_seed(0)
+        model = Regressor()
+        trainer = Trainer(model, DataLoader(dataset(), batch_size=batch, shuffle=False),
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
+                          max_steps=12,
+                          log_every=1, grad_accum_steps=accum, log_dir=os.path.join(out, name),
+                          progress=False, keep_last=1, strategy=strategy)
+        counter = count_allreduces(trainer._train_model) if strategy != "fsdp" else None
+        trainer.fit()
+        params = {k: v.detach().cpu() for k, v in model.state_dict().items()} \
+            if strategy != "fsdp" else torch.load(
+                os.path.join(out, name, "checkpoints", "step-000000012.pt"),
+                weights_only=True)["model"]
+        save(out, name, {"params": params, "allreduces": counter[0] if counter else None,
+                         "sampler": type(trainer.data.sampler).__name__,
+                         "device": str(trainer.device), "world": trainer.dist.world_size})
+    if strategy == "fsdp":  # resume the sharded model from the full checkpoint
+        torch.manual_seed(1)  # different initial weights: the checkpoint must replace them
+        model = Regressor()
+        trainer = Trainer(model, DataLoader(dataset(), batch_size=8, shuffle=False),
+                          optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
+                          max_steps=14,
+                          log_every=1, log_dir=os.path.join(out, "plain"), progress=False,
+                          keep_last=1, strategy=strategy)
+        trainer.fit()
+        params = torch.load(os.path.join(out, "plain", "checkpoints", "step-000000014.pt"),
+                            weights_only=True)["model"]
+        save(out, "resumed", {"params": params, "resumed_from": trainer.resumed_from})
+
+
+def optional(out: str) -> None:
+    torch.manual_seed(0)
+    data = DataLoader(dataset(64), batch_size=8)
+    try:
+        Trainer(TwoHeads(), data, max_steps=4, log_dir=os.path.join(out, "strict"),
+                progress=False, keep_last=0).fit()
+        save(out, "strict", {"error": None})
+    except RuntimeError as exc:
+        save(out, "strict", {"error": str(exc)})
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    Trainer(model, data, max_steps=6, log_every=2, log_dir=os.path.join(out, "optional"),
+            progress=False, keep_last=0, find_unused_parameters=True).fit()
+    save(out, "optional", {"before": before,
+                           "after": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+
+    class StopOnRank1(Hook):
+        def after_step(self, trainer):
+            if trainer.dist.rank == 1 and trainer.state.step == 3:
+                trainer.request_stop("rank 1 asked")
+
+    trainer = Trainer(TwoHeads(), data, max_steps=8, log_dir=os.path.join(out, "stop"),
+                      progress=False, keep_last=0, find_unused_parameters=True,
+                      callbacks=[StopOnRank1()])
+    state = trainer.fit()
+    save(out, "stop", {"step": state.step, "reason": state.stop_reason})
+
+    # Data the Trainer cannot shard: the same list on every rank is trained on, with a
+    # warning; lists of different lengths would hang at the epoch's end, so they fail.
+    same = [(torch.ones(4, 8), torch.ones(4))] * 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(Regressor(), same, log_dir=os.path.join(out, "same"), progress=False,
+                keep_last=0).fit()
+    uneven = same * (dist.get_rank() + 1)
+    try:
+        Trainer(Regressor(), uneven, log_dir=os.path.join(out, "uneven"), progress=False,
+                keep_last=0).fit()
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    save(out, "unsharded", {"warnings": [str(w.message) for w in caught], "uneven": error})
+
+
+def resume(out: str) -> None:
+    kill_at = int(os.environ.get("KILL_AT", "0"))
+
+    class Kill(Hook):
+        def after_step(self, trainer):
+            if trainer.dist.rank == 1 and trainer.state.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.manual_seed(0)
+    model = Regressor(dropout=0.2)
+    trainer = Trainer(model, DataLoader(dataset(), batch_size=8, shuffle=True), seed=3,
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_epochs=2,
+                      log_every=2, checkpoint_every=3, log_dir=os.path.join(out, "run"),
+                      progress=False, callbacks=[Kill()] if kill_at else [])
+    trainer.fit()
+    save(out, "resume", {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                         "optimizer": trainer.optimizer.state_dict(),
+                         "resumed_from": trainer.resumed_from, "step": trainer.state.step})
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    {"equivalence": equivalence, "optional": optional, "resume": resume,
+     "fsdp": lambda o: equivalence(o, "fsdp")}[mode](out)

@@ -1,0 +1,222 @@
+"""Distributed training: real torchrun, 2 processes, gloo on CPU (see dist_script.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_metrics
+from dist_script import Regressor, TwoHeads, dataset
+from torch.utils.data import DataLoader
+
+from lossless_trainer import Trainer, write_summary
+from lossless_trainer.checkpoint import CheckpointError
+from lossless_trainer.distributed import combine_totals
+
+SCRIPT = Path(__file__).resolve().parent / "dist_script.py"
+
+
+def torchrun(mode: str, out: Path, env: dict[str, str] | None = None,
+             expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(SCRIPT), mode, str(out)],
+        capture_output=True, text=True, timeout=240, cwd=out, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def load(out: Path, name: str, rank: int = 0) -> dict:
+    return torch.load(out / f"{name}-rank{rank}.pt", weights_only=True)
+
+
+def single_process(tmp_path: Path, name: str, steps: int = 12,
+                   momentum: float = 0.0) -> tuple[Regressor, list[dict]]:
+    """The reference: one process, batch 16 (the 2 ranks' 8 + 8), same SGD and steps."""
+    torch.manual_seed(0)
+    model = Regressor()
+    Trainer(model, DataLoader(dataset(), batch_size=16, shuffle=False),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
+            max_steps=steps, log_every=1,
+            log_dir=str(tmp_path / name), progress=False, keep_last=0).fit()
+    return model, read_metrics(str(tmp_path / name))
+
+
+def test_ddp_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
+    out = tmp_path / "ddp"
+    torchrun("equivalence", out)
+    reference, reference_log = single_process(tmp_path, "single")
+    for name in ("plain", "accum"):  # accum: batch 4 per rank, 2 micro-batches per step
+        rank0, rank1 = load(out, name, 0), load(out, name, 1)
+        assert rank0["sampler"] == "DistributedSampler" and rank0["world"] == 2
+        for key, value in reference.state_dict().items():
+            assert torch.allclose(rank0["params"][key], value, atol=1e-5), (name, key)
+            assert torch.equal(rank0["params"][key], rank1["params"][key]), (name, key)
+        # The tiny model's gradients fit in one bucket: one all-reduce per optimizer step,
+        # so no_sync held back the first micro-batch of every accumulated step.
+        assert rank0["allreduces"] == 12, name
+
+    log = read_metrics(str(out / "plain"))
+    assert [r["step"] for r in log] == list(range(1, 13))
+    for ours, theirs in zip(log, reference_log):  # the losses are averaged across ranks
+        assert math.isclose(ours["loss/mse"], theirs["loss/mse"], rel_tol=1e-5)
+        assert math.isclose(ours["loss/total"], theirs["loss/total"], rel_tol=1e-5)
+    first = log[0]
+    assert first["rank/mean"] == 0.5  # ranks 0 and 1
+    assert first["rank/sum"] == 3.0  # 1 + 2
+    assert first["rank/max"] == 1.0
+    assert first["rank/none"] == 10.0  # rank 0's own
+    assert first["only_rank1"] == 3.0  # a key on one rank only: no deadlock, no crash
+    # Only rank 0 writes: one event file and one metrics file, nothing from rank 1.
+    files = sorted(os.listdir(out / "plain"))
+    assert [f for f in files if f.startswith("events.out.tfevents")] == [files[1]]
+    assert files == ["checkpoints", files[1], "metrics.jsonl"]
+    assert not (out / "runs").exists()
+
+
+def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
+    out = tmp_path / "optional"
+    torchrun("optional", out)
+    for rank in (0, 1):
+        error = load(out, "strict", rank)["error"]
+        assert "b.weight, b.bias" in error and "find_unused_parameters=True" in error
+        assert f"rank {rank}" in error
+    rank0, rank1 = load(out, "optional", 0), load(out, "optional", 1)
+    for key in ("b.weight", "a.weight", "body.weight"):
+        assert not torch.equal(rank0["before"][key], rank0["after"][key])  # it trained
+        assert torch.equal(rank0["after"][key], rank1["after"][key])
+    log = read_metrics(str(out / "optional"))
+    assert all("loss/a" in r and "loss/b" in r for r in log)
+    # Rank 1 alone asked to stop after step 3: both ranks stopped together, one step on.
+    assert load(out, "stop", 0) == {"step": 4, "reason": "stopped on another rank"}
+    assert load(out, "stop", 1) == {"step": 4, "reason": "rank 1 asked"}
+    for rank in (0, 1):
+        unsharded = load(out, "unsharded", rank)
+        assert any("every rank got the same batch at step 1" in w
+                   for w in unsharded["warnings"]), unsharded["warnings"]
+        assert "different number of batches per rank ([3, 6])" in unsharded["uneven"]
+
+
+def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(tmp_path):
+    reference = tmp_path / "reference"
+    torchrun("resume", reference)
+    out = tmp_path / "killed"
+    killed = torchrun("resume", out, env={"KILL_AT": "7"}, expect_ok=False)
+    assert killed.returncode != 0
+    checkpoints = sorted(os.listdir(out / "run" / "checkpoints"))
+    assert checkpoints[-1] == "step-000000006.pt"
+    torchrun("resume", out)  # the same command again
+
+    expected, resumed = load(reference, "resume"), load(out, "resume")
+    assert resumed["resumed_from"].endswith("step-000000006.pt")
+    assert resumed["step"] == expected["step"] == 24  # 2 epochs of 96 samples per rank
+    for key, value in expected["params"].items():
+        assert torch.equal(resumed["params"][key], value), key
+        assert torch.equal(load(out, "resume", 1)["params"][key], value), key
+    for key, value in expected["optimizer"]["state"][0].items():
+        assert torch.equal(resumed["optimizer"]["state"][0][key], value), key
+    ours, theirs = read_metrics(str(out / "run")), read_metrics(str(reference / "run"))
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]  # no duplicates
+    assert [r["loss/mse"] for r in ours] == [r["loss/mse"] for r in theirs]
+
+
+def test_fsdp_two_ranks_equal_one_process_and_save_full_checkpoints(tmp_path):
+    out = tmp_path / "fsdp"
+    torchrun("fsdp", out)
+    reference, reference_log = single_process(tmp_path, "single", momentum=0.9)
+    params = load(out, "plain")["params"]  # from the checkpoint: full, unsharded tensors
+    assert params.keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(params[key], value, atol=1e-5), key
+    log = read_metrics(str(out / "plain"))
+    for ours, theirs in zip(log, reference_log):
+        assert math.isclose(ours["loss/mse"], theirs["loss/mse"], rel_tol=1e-5)
+    # A second run in the same directory resumed from that checkpoint to step 14.
+    resumed = load(out, "resumed")
+    assert resumed["resumed_from"].endswith("step-000000012.pt")
+    reference, _ = single_process(tmp_path, "single14", steps=14, momentum=0.9)
+    for key, value in reference.state_dict().items():
+        assert torch.allclose(resumed["params"][key], value, atol=1e-5), key
+
+
+def test_a_checkpoint_from_another_world_size_is_refused_clearly(tmp_path):
+    kwargs = {"log_dir": str(tmp_path / "run"), "progress": False}
+    Trainer(Regressor(), DataLoader(dataset(32), batch_size=8), max_steps=2, **kwargs).fit()
+    path = tmp_path / "run" / "checkpoints" / "step-000000002.pt"
+    state = torch.load(path, weights_only=True)
+    state["world_size"] = 2
+    state["ranks"] = [{k: state[k] for k in ("rng", "data", "hooks", "summary")}] * 2
+    torch.save(state, path)
+    trainer = Trainer(Regressor(), DataLoader(dataset(32), batch_size=8), max_steps=4, **kwargs)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and this run has 1"
+                                              r".*--nproc_per_node=2"):
+        trainer.fit()
+
+
+def test_single_process_ignores_the_strategy_and_trains_plainly(tmp_path):
+    model = TwoHeads()
+    data = DataLoader(dataset(32), batch_size=8, shuffle=True)
+    trainer = Trainer(model, data, strategy="fsdp", find_unused_parameters=True, max_steps=2,
+                      log_dir=str(tmp_path / "run"), progress=False)
+    assert not trainer.dist.enabled and trainer.dist.world_size == 1 and trainer.dist.is_main
+    assert trainer._train_model is model and trainer.data is data
+    trainer.fit()
+    with pytest.raises(ValueError, match="strategy must be 'auto', 'ddp' or 'fsdp'"):
+        Trainer(model, data, strategy="horovod", log_dir=str(tmp_path / "r2"), progress=False)
+
+
+def test_combine_totals_pools_means_and_keeps_keys_of_single_ranks():
+    rank0 = ({"loss": (2.0, 2, None), "n": (4.0, 2, None), "peak": (1.0, 1, None),
+              "own": (5.0, 1, None)}, {"n": "sum", "peak": "max", "own": "none"})
+    rank1 = ({"loss": (9.0, 3, None), "n": (9.0, 3, None), "peak": (7.0, 1, None),
+              "own": (6.0, 1, None), "extra": (1.5, 1, None)}, {"n": "sum", "peak": "max",
+                                                              "own": "none"})
+    values, nonfinite = combine_totals([rank0, rank1])
+    assert values["loss"] == (11.0 / 5, 5)  # every value of every rank
+    assert values["n"] == (2.0 + 3.0, 5)  # the ranks' means, added
+    assert values["peak"] == (7.0, 2)
+    assert values["own"] == (5.0, 2)  # rank 0's
+    assert values["extra"] == (1.5, 1)
+    assert nonfinite == {}
+
+
+def test_combine_totals_names_the_first_bad_step_and_its_rank():
+    nan = float("nan")
+    rank0 = ({"loss": (1.0, 2, None), "m": (3.0, 1, None)}, {"m": "max"})
+    rank1 = ({"loss": (nan, 2, 7), "m": (nan, 1, 9)}, {"m": "max"})
+    rank2 = ({"loss": (nan, 2, 8)}, {})
+    values, nonfinite = combine_totals([rank0, rank1, rank2])
+    assert nonfinite == {"loss": (7, 1), "m": (9, 1)}
+    assert math.isnan(values["loss"][0]) and math.isnan(values["m"][0])  # max keeps NaN
+
+
+def test_reduce_is_checked_and_a_tag_keeps_one_reduction(tmp_path):
+    class Logs(Regressor):
+        def __init__(self, second: str) -> None:
+            super().__init__()
+            self.second = second
+
+        def forward(self, batch):
+            write_summary("count", 1.0, reduce="sum")
+            write_summary("count", 2.0, reduce=self.second)
+            return super().forward(batch)
+
+    data = DataLoader(dataset(16), batch_size=8)
+    with pytest.raises(ValueError, match=r"'count'.*reduce='sum' before and reduce='max' now"):
+        Trainer(Logs("max"), data, max_steps=1, log_dir=str(tmp_path / "a"),
+                progress=False).fit()
+    with pytest.raises(ValueError, match=r"unknown reduce='avg'; use one of mean, sum, max"):
+        Trainer(Logs("avg"), data, max_steps=1, log_dir=str(tmp_path / "b"),
+                progress=False).fit()
+    Trainer(Logs("sum"), data, max_steps=2, log_every=2, log_dir=str(tmp_path / "c"),
+            progress=False).fit()
+    assert read_metrics(str(tmp_path / "c"))[0]["count"] == 1.5  # one process: the mean
