@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Hook, Model, Trainer, write_summary
+from lossless_trainer import Hook, MeanSquaredError, Model, Trainer, write_summary
 
 
 class Regressor(Model):
@@ -113,7 +113,9 @@ def equivalence(out: str, strategy: str = "auto") -> None:
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
                           max_steps=12,
                           log_every=1, grad_accum_steps=accum, log_dir=os.path.join(out, name),
-                          progress=False, keep_last=1, strategy=strategy)
+                          progress=False, keep_last=1, strategy=strategy,
+                          eval_data=DataLoader(dataset(40), batch_size=16), eval_every=6,
+                          evaluators=[MeanSquaredError(targets=1)])
         counter = count_allreduces(trainer._train_model) if strategy != "fsdp" else None
         trainer.fit()
         params = {k: v.detach().cpu() for k, v in model.state_dict().items()} \

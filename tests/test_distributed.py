@@ -67,6 +67,13 @@ def test_ddp_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
 
     log = read_metrics(str(out / "plain"))
     assert [r["step"] for r in log] == list(range(1, 13))
+    # Every rank evaluated the whole eval set; rank 0's result was written.
+    assert [r["step"] for r in log if "eval/mse" in r] == [6, 12]
+    x, y = dataset(40).tensors
+    reference.eval()
+    with torch.no_grad():
+        expected_mse = torch.nn.functional.mse_loss(reference((x, y)), y).item()
+    assert math.isclose(log[-1]["eval/mse"], expected_mse, rel_tol=1e-4)
     for ours, theirs in zip(log, reference_log):  # the losses are averaged across ranks
         assert math.isclose(ours["loss/mse"], theirs["loss/mse"], rel_tol=1e-5)
         assert math.isclose(ours["loss/total"], theirs["loss/total"], rel_tol=1e-5)
@@ -220,3 +227,23 @@ def test_reduce_is_checked_and_a_tag_keeps_one_reduction(tmp_path):
     Trainer(Logs("sum"), data, max_steps=2, log_every=2, log_dir=str(tmp_path / "c"),
             progress=False).fit()
     assert read_metrics(str(tmp_path / "c"))[0]["count"] == 1.5  # one process: the mean
+
+
+def test_the_distributed_example_runs_under_torchrun(tmp_path):
+    example = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
+    log_dir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(example), "--fast", "--log-dir", str(log_dir)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "processes: 2  strategy: ddp" in result.stdout
+    assert result.stdout.count("held-out accuracy") == 1  # printed by rank 0 only
+    accuracy = float(result.stdout.split("held-out accuracy: ")[1].split()[0])
+    assert accuracy >= 0.85
+    log = read_metrics(str(log_dir))
+    assert log[-1]["eval/accuracy"] == pytest.approx(accuracy, abs=1e-3)
+    assert "misclassified_per_step" in log[-1]
+    assert len([f for f in os.listdir(log_dir) if f.startswith("events.out")]) == 1
