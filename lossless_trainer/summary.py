@@ -95,8 +95,18 @@ def write_summary(
 
 
 _is_compiling = torch.compiler.is_compiling
-# One graph break per call inside a compiled forward; at run time the call is eager.
-_write_summary_eager = torch.compiler.disable(write_summary, recursive=True)
+_eager: Any = None
+
+
+def _write_summary_eager(*args: Any, **kwargs: Any) -> None:
+    """`write_summary` excluded from compilation: one graph break per call inside a
+    compiled forward, and an eager call at run time. Built on first use, because
+    `torch.compiler.disable` imports torch._dynamo (over a second), which a script that
+    never compiles should not pay for; one that compiles has imported it already."""
+    global _eager
+    if _eager is None:
+        _eager = torch.compiler.disable(write_summary, recursive=True)
+    _eager(*args, **kwargs)
 
 
 def is_summary_step() -> bool:
