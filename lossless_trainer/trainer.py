@@ -104,7 +104,10 @@ class Trainer:
             ``runs/<date>-<time>`` under the current directory.
         log_every: Flush summaries every this many steps; each scalar is written once per
             flush as its mean over the window.
-        seed: Seeds Python, NumPy and torch (all devices) when `fit` starts.
+        seed: Seeds Python, NumPy and torch (all devices) when `fit` starts: dropout,
+            shuffling and sampling in the run. The model's initial weights are drawn
+            when you build it, before the Trainer exists: call ``torch.manual_seed``
+            first for reproducible weights. Under torchrun, rank r uses ``seed + r``.
         device: Where to train. Default: CUDA if available, else CPU.
         callbacks: Extra `Hook`s.
         progress: Show a progress bar (plain lines when stdout is not a terminal).
