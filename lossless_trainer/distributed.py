@@ -138,11 +138,17 @@ class Distributed:
         """The module the training step calls: DDP around `model`, or `model` itself
         after FSDP2's `fully_shard` (which shards it in place). Unchanged when not
         distributed."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel) and self.enabled:
+            raise TypeError(
+                "the model is already wrapped in DistributedDataParallel; pass the plain "
+                "module: under torchrun the Trainer wraps it (and keeps checkpoint keys "
+                "free of the 'module.' prefix)"
+            )
         if not self.enabled:
             return model
         if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             return DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused_parameters)
