@@ -13,7 +13,8 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or Inf.
 
     Attributes:
-        first_steps: For every loss key that went non-finite, the first step it did.
+        first_steps (dict[str, int]): For every loss key that went non-finite, the first
+            step it did.
     """
 
     def __init__(self, message: str, first_steps: dict[str, int]) -> None:

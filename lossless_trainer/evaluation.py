@@ -32,11 +32,22 @@ class Evaluator(Protocol):
     data set.
     """
 
-    def reset(self) -> None: ...
+    def reset(self) -> None:
+        """Forget everything seen; called before every evaluation."""
+        ...
 
-    def process(self, batch: Any, predictions: Any) -> None: ...
+    def process(self, batch: Any, predictions: Any) -> None:
+        """Add one batch to the running state.
 
-    def compute(self) -> dict[str, float]: ...
+        Args:
+            batch: The batch as the data yielded it, moved to the device.
+            predictions: What the model returned for it in eval mode.
+        """
+        ...
+
+    def compute(self) -> dict[str, float]:
+        """The metric(s) over every batch since `reset`, as named floats."""
+        ...
 
 
 class _Streaming:

@@ -404,7 +404,9 @@ class BestCheckpoint(Hook):
     ``resume="auto"``.
 
     Args:
-        monitor, mode, min_delta: As for `EarlyStopping`.
+        monitor: A key of `Trainer.evaluate`'s results, as for `EarlyStopping`.
+        mode: ``"min"`` or ``"max"``: which direction is better.
+        min_delta: The smallest change that counts as an improvement.
         filename: Name of the file in the checkpoint directory.
     """
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .data import move_to_device
 from .errors import ModelOutputError
+from .summary import summaries_off
 
 __all__ = ["Model", "WithLoss", "check_losses"]
 
@@ -28,7 +29,7 @@ class Model(nn.Module):
     as the data yields it (moved to the device); the model decides what is input and
     what is target.
 
-    Example:
+    Examples:
         >>> class Classifier(Model):
         ...     def __init__(self):
         ...         super().__init__()
@@ -60,12 +61,16 @@ class Model(nn.Module):
     def predict(self, batch: Any) -> Any:
         """Predictions for `batch`: eval mode, no autograd, batch moved to the device.
 
-        The model's previous train/eval mode is restored afterwards.
+        The model's previous train/eval mode is restored afterwards. What the model
+        writes with `write_summary` meanwhile is dropped, also during `fit` (a hook's
+        predictions must not mix into the training summaries; `Trainer.evaluate` logs
+        eval-mode summaries under ``eval/``).
         """
         was_training = self.training
         self.eval()
         try:
-            return self(move_to_device(batch, self.device))
+            with summaries_off():
+                return self(move_to_device(batch, self.device))
         finally:
             self.train(was_training)
 
@@ -91,7 +96,7 @@ class WithLoss(Model):
             ``batch[1]`` for a tuple or list.
         name: Key of the loss in the returned dict.
 
-    Example:
+    Examples:
         >>> model = WithLoss(nn.Linear(4, 3), nn.CrossEntropyLoss())
         >>> model = WithLoss(net, loss_fn, inputs="image", targets="label")
     """

@@ -70,12 +70,14 @@ class Precision:
         self.skipped_steps = skipped if self.skipped_steps is None else self.skipped_steps + skipped
 
     def state_dict(self) -> dict[str, Any]:
+        """The GradScaler's state and the skipped-step count (empty unless fp16)."""
         if self.scaler is None:
             return {}
         return {"scaler": self.scaler.state_dict(),
                 "skipped_steps": 0 if self.skipped_steps is None else self.skipped_steps.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state["scaler"])
             skipped = state["skipped_steps"]

@@ -21,6 +21,8 @@ class WarmupCosine(LRScheduler):
         warmup_steps: Steps of linear warmup (0 for none).
         total_steps: Steps at which the cosine reaches the floor; it stays there after.
         min_lr_ratio: The floor, as a fraction of each group's base LR.
+        last_epoch: The index of the last step taken, as for every torch scheduler;
+            -1 (the default) starts the schedule from the beginning.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,

@@ -120,6 +120,17 @@ def is_summary_step() -> bool:
 
 
 @contextmanager
+def summaries_off() -> Iterator[None]:
+    """Drop every `write_summary` call inside the block, even during a training run (for
+    predictions a hook makes mid-run, which belong to no step's window)."""
+    token = _SINK.set(None)
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
+
+
+@contextmanager
 def summary_scope(name: str) -> Iterator[None]:
     """Prefix the tags of every `write_summary` call inside the block with ``name/``.
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import (
@@ -870,6 +870,12 @@ def _build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRSche
         if not isinstance(scheduler, LRScheduler):
             raise TypeError(f"the lr_scheduler factory returned {type(scheduler).__name__}, "
                             "not an LRScheduler")
+    if isinstance(scheduler, ReduceLROnPlateau):
+        raise TypeError(
+            "ReduceLROnPlateau steps on a metric, not once per optimizer step, so it cannot be "
+            "the lr_scheduler; step it from a hook after each evaluation instead: "
+            "scheduler.step(trainer.last_eval['val_loss']) (see docs/faq.md)"
+        )
     if scheduler.optimizer is not optimizer:
         raise ValueError("lr_scheduler schedules a different optimizer than the Trainer's; "
                          "pass a factory (lambda opt: ...) so it is built on the right one")

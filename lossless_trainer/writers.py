@@ -35,9 +35,13 @@ class Writer(Protocol):
     A writer may also define `flush()`; it is called after each batch of records.
     """
 
-    def write(self, record: SummaryRecord) -> None: ...
+    def write(self, record: SummaryRecord) -> None:
+        """Write one flushed window. Called in step order, never twice for one record."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Write out anything buffered and release files; called once, at the end."""
+        ...
 
 
 class TensorBoardWriter:

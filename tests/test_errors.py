@@ -131,3 +131,10 @@ def test_plain_module_without_base_class_works(quiet):
     before = model.lin.weight.detach().clone()
     Trainer(model, make_batches(3), **quiet).fit()
     assert not torch.equal(before, model.lin.weight)
+
+
+def test_reduce_lr_on_plateau_is_refused_with_the_hook_to_use(batches, quiet):
+    model = TinyClassifier()
+    with pytest.raises(TypeError, match=r"ReduceLROnPlateau steps on a metric.*from a hook"):
+        Trainer(model, batches, lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau,
+                **quiet)

@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batches, read_metrics
+from conftest import TinyClassifier, make_batches, read_metrics
 from torch import nn
 
 from lossless_trainer import (
+    Hook,
     Model,
     Trainer,
     is_summary_step,
@@ -274,3 +275,19 @@ def test_nonfinite_histogram_values_do_not_break_the_writers(quiet):
     assert [e.step for e in events.Histograms("spiky")] == [3, 6]
     assert events.Histograms("spiky")[0].histogram_value.num == 31  # 32 values, 1 dropped
     assert "spiky/nonfinite/text_summary" in events.Tags()["tensors"]
+
+
+def test_predict_in_a_hook_during_fit_writes_nothing_into_the_training_window(batches, quiet):
+    class LogsInEval(TinyClassifier):
+        def forward(self, batch):
+            if not self.training:
+                write_summary("val_loss", 5.0)
+            return super().forward(batch)
+
+    class PredictEveryStep(Hook):
+        def after_step(self, trainer):
+            trainer.model.predict(batches[0])
+
+    Trainer(LogsInEval(), batches, log_every=3, callbacks=[PredictEveryStep()], **quiet).fit()
+    records = read_metrics(quiet["log_dir"])
+    assert records and all("val_loss" not in r and "loss/ce" in r for r in records)
