@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Hook, MeanSquaredError, Model, Trainer, write_summary
+from lossless_trainer import (
+    Hook,
+    MeanSquaredError,
+    Model,
+    NonFiniteLossError,
+    Trainer,
+    write_summary,
+)
 
 
 class Regressor(Model):
@@ -183,6 +190,29 @@ def optional(out: str) -> None:
     except ValueError as exc:
         error = str(exc)
     save(out, "unsharded", {"warnings": [str(w.message) for w in caught], "uneven": error})
+
+    # A loss that goes NaN on rank 1 only, at step 3: every rank raises at the same
+    # flush (or, with finite_check="step", before that step's update), naming rank 1.
+    class NaNOnRank1(Regressor):
+        def forward(self, batch):
+            losses = super().forward(batch)
+            if self.training and dist.get_rank() == 1 and int(self.step) == 3:
+                losses["mse"] = losses["mse"] * float("nan")
+            self.step += 1
+            return losses
+
+    nonfinite = {}
+    for check in ("flush", "step"):
+        model = NaNOnRank1()
+        model.register_buffer("step", torch.ones((), dtype=torch.long))
+        try:
+            Trainer(model, data, max_steps=6, log_every=4, finite_check=check,
+                    log_dir=os.path.join(out, f"nan-{check}"), progress=False,
+                    keep_last=0).fit()
+            nonfinite[check] = None
+        except NonFiniteLossError as exc:
+            nonfinite[check] = str(exc)
+    save(out, "nonfinite", nonfinite)
 
 
 def resume(out: str) -> None:

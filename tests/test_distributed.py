@@ -111,6 +111,11 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
         assert any("every rank got the same batch at step 1" in w
                    for w in unsharded["warnings"]), unsharded["warnings"]
         assert "different number of batches per rank ([3, 6])" in unsharded["uneven"]
+        nonfinite = load(out, "nonfinite", rank)
+        assert "'mse' first at step 3 on rank 1" in nonfinite["flush"]
+        assert "at the flush of step 4" in nonfinite["flush"]
+        assert "at step 3: rank 1: 'mse'" in nonfinite["step"]
+        assert "The optimizer did not step" in nonfinite["step"]
 
 
 def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(tmp_path):
