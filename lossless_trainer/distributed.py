@@ -232,7 +232,7 @@ class Distributed:
         except TypeError:
             length = None
         lengths = self.all_gather(length)
-        if length is not None and len(set(lengths)) > 1:
+        if len(set(lengths)) > 1:  # every rank sees the same list, so all raise
             raise ValueError(
                 f"the data yields a different number of batches per rank ({lengths}); every "
                 "rank must run the same number of steps. Shard a map-style data set with a "
@@ -285,8 +285,13 @@ class Distributed:
         """Run `fn` on rank 0 only and return its result on every rank. If it raises,
         every rank raises (the same type when it can be rebuilt), so none is left
         waiting for the others."""
-        if not self.collectives_ok:
+        if not self.enabled:
             return fn()
+        if not self.collectives_ok:
+            raise RuntimeError(
+                f"rank {self.rank} cannot coordinate with the other ranks any more (it failed "
+                "earlier, see above), so this step, which rank 0 does for all, was skipped"
+            )
         result: tuple[str, Any] = ("ok", None)
         if self.is_main:
             try:
@@ -347,12 +352,15 @@ class Distributed:
         self._stop_work = self._stop_flag = None
         self._stop_agreed = False
 
-    def reduce_totals(self, totals: Totals, modes: dict[str, str]
-                      ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
-        """Combine every rank's window: one gather per flush. See `combine_totals`."""
-        if not self.collectives_ok:
-            return combine_totals([(totals, modes)])
-        return combine_totals(self.all_gather((totals, modes)))
+    def reduce_totals(self, totals: Totals, modes: dict[str, str], share: Any = None
+                      ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]],
+                                 list[Any]]:
+        """Combine every rank's window, and gather each rank's `share` with it: one
+        gather per flush. See `combine_totals`."""
+        if not self.collectives_ok:  # after an error: this rank's own window, unreduced
+            return (*combine_totals([(totals, modes)], ranks=[self.rank]), [share])
+        gathered = self.all_gather((totals, modes, share))
+        return (*combine_totals([(t, m) for t, m, _ in gathered]), [s for _, _, s in gathered])
 
     def explain(self, error: RuntimeError, step: int, model: nn.Module) -> BaseException:
         """A clear error for DDP's unused-parameter failure; other errors unchanged."""
@@ -374,7 +382,8 @@ class Distributed:
         )
 
 
-def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]]
+def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
+                   ranks: Sequence[int] | None = None,
                    ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
     """Combine the scalar windows of every rank.
 
@@ -387,10 +396,15 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]]
     * ``"max"``: the largest of the ranks' window means;
     * ``"none"``: rank 0's window mean, or the lowest rank that has the tag.
 
+    Args:
+        per_rank: Each rank's window and modes, in rank order.
+        ranks: The rank of each entry, when `per_rank` is not all of them in order.
+
     Returns:
         ``{tag: (value, count)}`` with the count pooled over ranks, and
         ``{tag: (first non-finite step, rank)}`` for tags that went NaN or Inf anywhere.
     """
+    ranks = list(range(len(per_rank))) if ranks is None else list(ranks)
     values: dict[str, tuple[float, int]] = {}
     nonfinite: dict[str, tuple[int, int]] = {}
     tags: dict[str, None] = {}
@@ -398,7 +412,7 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]]
         tags.update(dict.fromkeys(totals))
     for tag in tags:
         mode = next((modes[tag] for _, modes in per_rank if tag in modes), "mean")
-        present = [(rank, totals[tag]) for rank, (totals, _) in enumerate(per_rank)
+        present = [(rank, totals[tag]) for rank, (totals, _) in zip(ranks, per_rank)
                    if tag in totals and totals[tag][1] > 0]
         if not present:
             continue
@@ -464,7 +478,8 @@ def _resolve_device(device: str | torch.device | None, local_rank: int | None) -
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and local_rank is not None:
-        device = torch.device("cuda", local_rank)  # one GPU per process
+        # One GPU per process; with CUDA_VISIBLE_DEVICES set per process, each sees one.
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     # Normalise "cuda" to "cuda:<current>" so device comparisons on tensors are exact.
     return torch.empty(0, device=device).device
 

@@ -156,14 +156,21 @@ class HookList:
                     stacklevel=3,
                 )
 
-    def teardown(self, point: str, *args: Any) -> list[BaseException]:
-        """Call `point` on every hook; a failure is logged and does not stop the rest."""
+    def teardown(self, point: str, *args: Any,
+                 on_failure: Any = None) -> list[BaseException]:
+        """Call `point` on every hook; a failure is logged and does not stop the rest.
+
+        `on_failure`, if given, is called after the first failure, before the next hook
+        runs (the trainer uses it to stop starting collectives under torchrun).
+        """
         errors: list[BaseException] = []
         for hook in self.hooks:
             try:
                 getattr(hook, point)(*args)
             except Exception as exc:
                 logger.error("%s.%s failed", type(hook).__name__, point, exc_info=exc)
+                if not errors and on_failure is not None:
+                    on_failure()
                 errors.append(exc)
         return errors
 
@@ -241,8 +248,12 @@ class LoggingHook(Hook):
             if self._samples:  # the whole job's throughput: each rank's added
                 sink.put("perf/samples_per_sec", self._samples / elapsed, reduce="sum")
         # The last completed step: after a failed step, its partial window is still
-        # written, at the step before it.
-        record = sink.flush(trainer.state.step)
+        # written, at the step before it. The loss keys travel with the window: under
+        # torchrun a key may so far exist on another rank only.
+        record = sink.flush(trainer.state.step, share=list(self._tags))
+        for keys in record.shared:
+            for key in keys or ():
+                self._tags.setdefault(key, f"loss/{key}")
         # loss/total is derived, not stored per step: the window's summed losses over its
         # steps (and ranks). Exact also when an optional loss is missing from some steps.
         window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()

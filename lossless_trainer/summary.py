@@ -158,6 +158,8 @@ class SummaryRecord:
         nonfinite: For each tag that received a NaN or Inf in the window, the first step
             that did.
         nonfinite_ranks: Under torchrun, the rank where each `nonfinite` tag went bad first.
+        shared: What each process passed as ``share=`` to `SummarySink.flush`, by rank
+            (one entry when not distributed).
         others: ``(kind, tag, value, step)`` for histograms, images and text. Images carry
             ``(tensor, dataformats)`` as their value.
     """
@@ -167,6 +169,7 @@ class SummaryRecord:
     counts: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
     nonfinite_ranks: dict[str, int] = field(default_factory=dict)
+    shared: list[Any] = field(default_factory=list)
     others: list[tuple[str, str, Any, int]] = field(default_factory=list)
 
 
@@ -328,7 +331,7 @@ class SummarySink:
             window = self._scalars[tag] = _ScalarWindow()
         window.add_number(value, self.step)
 
-    def flush(self, step: int | None = None) -> SummaryRecord:
+    def flush(self, step: int | None = None, share: Any = None) -> SummaryRecord:
         """End the window: average every scalar, move the rest to the CPU, and reset.
 
         All pending tensors on one device are stacked and transferred together: one
@@ -336,17 +339,20 @@ class SummarySink:
 
         Args:
             step: The step to write the window at. Default: the current step.
+            share: A small picklable value that travels with this process's window to
+                the others (in the same gather) and comes back as `SummaryRecord.shared`.
         """
         record = SummaryRecord(step=self.step if step is None else step)
         totals = self._totals()
         if self.reducer is None:
+            record.shared = [share]
             for tag, (total, count, first_bad) in totals.items():
                 record.scalars[tag] = total / count
                 record.counts[tag] = count
                 if first_bad is not None:
                     record.nonfinite[tag] = first_bad
         else:
-            values, nonfinite = self.reducer(totals, self._modes)
+            values, nonfinite, record.shared = self.reducer(totals, self._modes, share)
             for tag, (value, count) in values.items():
                 record.scalars[tag] = value
                 record.counts[tag] = count
@@ -424,9 +430,9 @@ class SummarySink:
 
 
 # Combines a window's scalar totals across processes: ({tag: (sum, count, first_bad)},
-# {tag: mode}) -> ({tag: (value, count)}, {tag: (first_bad, rank)}).
-Reducer = Callable[[dict[str, tuple[float, int, "int | None"]], dict[str, str]],
-                   tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]]
+# {tag: mode}, share) -> ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
+Reducer = Callable[[dict[str, tuple[float, int, "int | None"]], dict[str, str], Any],
+                   tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]], list[Any]]]
 
 
 def _infer_kind(tag: str, value: Any) -> str:

@@ -360,6 +360,9 @@ class Trainer:
             The evaluators' keys and the model's averaged summaries, merged. All are
             also written as ``eval/<key>`` summaries at the current step: within `fit`,
             in that step's flush; outside it, as a record of their own.
+
+        Under torchrun every rank must call it: each evaluates the whole data, and rank
+        0's results are returned on all ranks.
         """
         data = self.eval_data if data is None else data
         if data is None:
@@ -464,9 +467,8 @@ class Trainer:
         one, never a partial one). Under torchrun every rank calls it; rank 0 writes,
         and no rank returns before the file is complete."""
         state = self.state_dict()
-        if self.dist.is_main:
-            save_atomic(state, os.fspath(path))
-        self.dist.barrier()
+        # Rank 0 writes; the others wait for its result, and raise its error if it fails.
+        self.dist.on_main(lambda: save_atomic(state, os.fspath(path)))
 
     def _model_optimizer_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.dist.strategy != "fsdp":
@@ -495,10 +497,14 @@ class Trainer:
             set_optimizer_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True)
+        # Rank 0 holds the full state and sends each rank its shards, tensor by tensor.
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, model_state, options=options)
-        if optimizer_state.get("state"):
-            set_optimizer_state_dict(self.model, self.optimizer, optimizer_state, options=options)
+        has_state = optimizer_state.get("has_state", bool(optimizer_state.get("state")))
+        if has_state:
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     optimizer_state if self.dist.is_main else {},
+                                     options=options)
         else:  # a stateless optimizer (plain SGD), which torch's loader cannot place
             for group, saved in zip(self.optimizer.param_groups, optimizer_state["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k != "params"})
@@ -544,8 +550,13 @@ class Trainer:
             try:
                 hooks.call("before_train", self)
                 while state.stop_reason is None:
-                    if self._stop_request is not None and (vote is None or dist.stop_agreed):
-                        state.stop_reason = self._stop_request
+                    # Between epochs every rank is here at once: agree on a stop asked
+                    # for since the last step (in after_epoch, say) before a new epoch.
+                    stop = self._stop_request is not None
+                    if vote is not None:
+                        stop = dist.any(stop)
+                    if stop:
+                        state.stop_reason = self._stop_request or "stopped on another rank"
                     elif state.step >= max_steps:
                         state.stop_reason = "max_steps"
                     elif state.epoch >= max_epochs:
@@ -599,12 +610,19 @@ class Trainer:
             self.batch = None
             try:
                 dist.end_votes()
-                errors = self.hooks.teardown("after_train", self)
+                # A hook that failed here on this rank only has left the others out of
+                # step: no more collectives from this rank, so it exits and torchrun
+                # stops the job, instead of collectives pairing up wrongly.
+                errors = self.hooks.teardown("after_train", self,
+                                             on_failure=self._stop_collectives)
             finally:
                 errors += self._close_writers()
         if errors:
             raise errors[0]
         return self.state
+
+    def _stop_collectives(self) -> None:
+        self.dist.collectives_ok = False
 
     def _close_writers(self) -> list[BaseException]:
         writers, self.writers = self.writers, None
@@ -644,7 +662,10 @@ class Trainer:
         path = self.dist.on_main(choose)
         if path is None:
             return
-        state = loaded["state"] if "state" in loaded else load_checkpoint(path)
+        if self.dist.strategy == "fsdp":
+            state = self._load_on_main(path, loaded)
+        else:
+            state = loaded["state"] if "state" in loaded else load_checkpoint(path)
         try:
             self.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError) as exc:
@@ -658,6 +679,24 @@ class Trainer:
             for moved in set_aside_newer(self.checkpoint_dir, self.state.step):
                 logger.warning("set aside %s: it is newer than the checkpoint resumed from",
                                moved)
+
+    def _load_on_main(self, path: str, loaded: dict[str, Any]) -> dict[str, Any]:
+        """FSDP: only rank 0 reads the full checkpoint into memory; the others get its
+        small part (counters, per-rank RNG and data states) here and their shards of
+        the model and optimizer from rank 0 in `_load_model_optimizer_state`."""
+        def small_part() -> dict[str, Any]:
+            if "state" not in loaded:
+                loaded["state"] = load_checkpoint(path)
+            full = loaded["state"]
+            small = {k: v for k, v in full.items() if k not in ("model", "optimizer")}
+            small["optimizer"] = {"param_groups": full["optimizer"]["param_groups"],
+                                  "has_state": bool(full["optimizer"].get("state"))}
+            return small
+
+        small = self.dist.on_main(small_part)
+        if self.dist.is_main:
+            return loaded["state"]
+        return {**small, "model": {}}
 
     def _epoch_batches(self) -> Iterator[Any]:
         """An iterator over this epoch's batches; after a resume, from where it stopped."""
@@ -763,14 +802,17 @@ class Trainer:
         per_batch = []
         for i, batch in enumerate(batches):
             batch = move_to_device(batch, self.device)
-            if i < last or precision.dtype is not None:
-                with self._no_sync() if i < last else NO_CONTEXT, precision.autocast():
+            # Until the last micro-batch, forward and backward skip the gradient sync
+            # (DDP/FSDP no_sync); the last one all-reduces the accumulated sum.
+            with self._no_sync() if i < last else NO_CONTEXT:
+                if precision.dtype is None:
                     losses, total = self._forward(batch, step)
-            else:  # full precision, last micro-batch: no context to enter
-                losses, total = self._forward(batch, step)
-            if self.finite_check == "step":
-                self._check_finite(losses, total)
-            precision.backward(total / len(batches) if last else total)
+                else:
+                    with precision.autocast():
+                        losses, total = self._forward(batch, step)
+                if self.finite_check == "step":
+                    self._check_finite(losses, total)
+                precision.backward(total / len(batches) if last else total)
             per_batch.append(losses)
         precision.unscale(self.optimizer)
         for hook in self._after_backward:

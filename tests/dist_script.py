@@ -108,12 +108,35 @@ def count_allreduces(ddp: nn.Module) -> list[int]:
     return calls
 
 
+_FSDP_REDUCE: list = []
+
+
+def count_fsdp_reductions() -> list[int]:
+    """Count FSDP2's gradient reduce-scatters (one per sharded group per synced backward)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+    calls = [0]
+    original = group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    _FSDP_REDUCE.append(original)
+    group.foreach_reduce = counting
+    return calls
+
+
+def uncount_fsdp_reductions() -> None:
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+
+    group.foreach_reduce = _FSDP_REDUCE.pop()
+
+
 def equivalence(out: str, strategy: str = "auto") -> None:
     # FSDP runs with momentum, so resuming it restores optimizer state too.
     momentum = 0.9 if strategy == "fsdp" else 0.0
     for name, batch, accum in (("plain", 8, 1), ("accum", 4, 2)):
-        if strategy == "fsdp" and name == "accum":
-            continue
         torch.manual_seed(0)
         model = Regressor()
         trainer = Trainer(model, DataLoader(dataset(), batch_size=batch, shuffle=False),
@@ -123,12 +146,15 @@ def equivalence(out: str, strategy: str = "auto") -> None:
                           progress=False, keep_last=1, strategy=strategy,
                           eval_data=DataLoader(dataset(40), batch_size=16), eval_every=6,
                           evaluators=[MeanSquaredError(targets=1)])
-        counter = count_allreduces(trainer._train_model) if strategy != "fsdp" else None
+        counter = count_allreduces(trainer._train_model) if strategy != "fsdp" \
+            else count_fsdp_reductions()
         trainer.fit()
         params = {k: v.detach().cpu() for k, v in model.state_dict().items()} \
             if strategy != "fsdp" else torch.load(
                 os.path.join(out, name, "checkpoints", "step-000000012.pt"),
                 weights_only=True)["model"]
+        if strategy == "fsdp":
+            uncount_fsdp_reductions()
         save(out, name, {"params": params, "allreduces": counter[0] if counter else None,
                          "sampler": type(trainer.data.sampler).__name__,
                          "device": str(trainer.device), "world": trainer.dist.world_size})
@@ -175,6 +201,18 @@ def optional(out: str) -> None:
     state = trainer.fit()
     save(out, "stop", {"step": state.step, "reason": state.stop_reason})
 
+    class StopAfterEpochOnRank1(Hook):
+        def after_epoch(self, trainer):
+            if trainer.dist.rank == 1:
+                trainer.request_stop("rank 1 asked after the epoch")
+
+    trainer = Trainer(TwoHeads(), data, max_epochs=3, log_dir=os.path.join(out, "epoch"),
+                      progress=False, keep_last=0, find_unused_parameters=True,
+                      callbacks=[StopAfterEpochOnRank1()])
+    state = trainer.fit()
+    save(out, "epoch_stop", {"step": state.step, "epoch": state.epoch,
+                             "reason": state.stop_reason})
+
     # Data the Trainer cannot shard: the same list on every rank is trained on, with a
     # warning; lists of different lengths would hang at the epoch's end, so they fail.
     same = [(torch.ones(4, 8), torch.ones(4))] * 3
@@ -213,6 +251,31 @@ def optional(out: str) -> None:
         except NonFiniteLossError as exc:
             nonfinite[check] = str(exc)
     save(out, "nonfinite", nonfinite)
+
+    # A loss key only rank 1 has: in loss/total on rank 0 too, and its NaN stops both.
+    class AuxOnRank1(Regressor):
+        def __init__(self, nan_at: int) -> None:
+            super().__init__()
+            self.nan_at = nan_at
+            self.register_buffer("step", torch.ones((), dtype=torch.long))
+
+        def forward(self, batch):
+            losses = super().forward(batch)
+            if self.training and dist.get_rank() == 1:
+                losses["aux"] = losses["mse"] * (0.5 if int(self.step) != self.nan_at
+                                                 else float("nan"))
+            self.step += 1
+            return losses
+
+    Trainer(AuxOnRank1(nan_at=0), data, max_steps=4, log_every=1, progress=False,
+            log_dir=os.path.join(out, "aux"), keep_last=0).fit()
+    try:
+        Trainer(AuxOnRank1(nan_at=2), data, max_steps=4, log_every=2, progress=False,
+                log_dir=os.path.join(out, "aux-nan"), keep_last=0).fit()
+        aux_error = None
+    except NonFiniteLossError as exc:
+        aux_error = str(exc)
+    save(out, "aux", {"error": aux_error})
 
 
 def resume(out: str) -> None:

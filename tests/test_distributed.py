@@ -103,14 +103,23 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
         assert torch.equal(rank0["after"][key], rank1["after"][key])
     log = read_metrics(str(out / "optional"))
     assert all("loss/a" in r and "loss/b" in r for r in log)
+    for record in read_metrics(str(out / "aux")):  # rank 1's own key counts on rank 0
+        assert math.isclose(record["loss/total"],
+                            record["loss/mse"] + record["loss/aux"] / 2, rel_tol=1e-6)
     # Rank 1 alone asked to stop after step 3: both ranks stopped together, one step on.
     assert load(out, "stop", 0) == {"step": 4, "reason": "stopped on another rank"}
     assert load(out, "stop", 1) == {"step": 4, "reason": "rank 1 asked"}
+    # A stop asked between epochs, on one rank, holds every rank at the epoch boundary.
+    assert load(out, "epoch_stop", 0) == {"step": 4, "epoch": 1,  # 4 batches per rank
+                                          "reason": "stopped on another rank"}
+    assert load(out, "epoch_stop", 1) == {"step": 4, "epoch": 1,
+                                          "reason": "rank 1 asked after the epoch"}
     for rank in (0, 1):
         unsharded = load(out, "unsharded", rank)
         assert any("every rank got the same batch at step 1" in w
                    for w in unsharded["warnings"]), unsharded["warnings"]
         assert "different number of batches per rank ([3, 6])" in unsharded["uneven"]
+        assert "'aux' first at step 2 on rank 1" in load(out, "aux", rank)["error"]
         nonfinite = load(out, "nonfinite", rank)
         assert "'mse' first at step 3 on rank 1" in nonfinite["flush"]
         assert "at the flush of step 4" in nonfinite["flush"]
@@ -145,10 +154,15 @@ def test_fsdp_two_ranks_equal_one_process_and_save_full_checkpoints(tmp_path):
     out = tmp_path / "fsdp"
     torchrun("fsdp", out)
     reference, reference_log = single_process(tmp_path, "single", momentum=0.9)
-    params = load(out, "plain")["params"]  # from the checkpoint: full, unsharded tensors
-    assert params.keys() == reference.state_dict().keys()
-    for key, value in reference.state_dict().items():
-        assert torch.allclose(params[key], value, atol=1e-5), key
+    for name in ("plain", "accum"):  # accum: batch 4 per rank, 2 micro-batches per step
+        saved = load(out, name)
+        params = saved["params"]  # from the checkpoint: full, unsharded tensors
+        assert params.keys() == reference.state_dict().keys()
+        for key, value in reference.state_dict().items():
+            assert torch.allclose(params[key], value, atol=1e-5), (name, key)
+        # One gradient reduce-scatter per optimizer step: the first micro-batch's
+        # backward ran without a sync.
+        assert saved["allreduces"] == 12, name
     log = read_metrics(str(out / "plain"))
     for ours, theirs in zip(log, reference_log):
         assert math.isclose(ours["loss/mse"], theirs["loss/mse"], rel_tol=1e-5)
