@@ -12,9 +12,10 @@ classifier, with nothing in the model or the training code that knows about rank
 Under torchrun the Trainer joins the process group (nccl on GPUs, gloo on CPUs), gives
 each rank its own device, wraps the model in DistributedDataParallel (or shards it with
 FSDP), shards the DataLoader with a DistributedSampler, averages the logged scalars
-across ranks at each flush, and lets rank 0 alone write logs and checkpoints. With a fixed run directory (`--log-dir runs/digits`),
-kill it and run the same command again: it resumes from the last checkpoint. (Without
-one, every launch starts a fresh `runs/<time>` directory.)
+across ranks at each flush, and lets rank 0 alone write logs and checkpoints. With a
+fixed run directory (`--log-dir runs/digits`), kill it and run the same command again:
+it resumes from the last checkpoint. (Without one, every launch starts a fresh
+`runs/<time>` directory.)
 """
 
 from __future__ import annotations
