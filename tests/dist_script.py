@@ -227,7 +227,16 @@ def optional(out: str) -> None:
         error = None
     except ValueError as exc:
         error = str(exc)
-    save(out, "unsharded", {"warnings": [str(w.message) for w in caught], "uneven": error})
+    # A length on one rank only (a generator on rank 1) is refused on both ranks too.
+    mixed = same if dist.get_rank() == 0 else (batch for batch in same)
+    try:
+        Trainer(Regressor(), mixed, log_dir=os.path.join(out, "mixed"), progress=False,
+                keep_last=0).fit()
+        mixed_error = None
+    except ValueError as exc:
+        mixed_error = str(exc)
+    save(out, "unsharded", {"warnings": [str(w.message) for w in caught], "uneven": error,
+                            "mixed": mixed_error})
 
     # A loss that goes NaN on rank 1 only, at step 3: every rank raises at the same
     # flush (or, with finite_check="step", before that step's update), naming rank 1.

@@ -119,6 +119,7 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
         assert any("every rank got the same batch at step 1" in w
                    for w in unsharded["warnings"]), unsharded["warnings"]
         assert "different number of batches per rank ([3, 6])" in unsharded["uneven"]
+        assert "different number of batches per rank ([3, None])" in unsharded["mixed"]
         assert "'aux' first at step 2 on rank 1" in load(out, "aux", rank)["error"]
         nonfinite = load(out, "nonfinite", rank)
         assert "'mse' first at step 3 on rank 1" in nonfinite["flush"]
@@ -266,3 +267,9 @@ def test_the_distributed_example_runs_under_torchrun(tmp_path):
     assert log[-1]["eval/accuracy"] == pytest.approx(accuracy, abs=1e-3)
     assert "misclassified_per_step" in log[-1]
     assert len([f for f in os.listdir(log_dir) if f.startswith("events.out")]) == 1
+
+
+def test_combine_totals_of_one_rank_alone_keeps_its_rank_number():
+    # After an error a rank reduces only its own window; a NaN there is still its own.
+    values, nonfinite = combine_totals([({"loss": (float("nan"), 1, 5)}, {})], ranks=[1])
+    assert nonfinite == {"loss": (5, 1)} and values["loss"][1] == 1
