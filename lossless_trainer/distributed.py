@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -245,8 +246,6 @@ class Distributed:
         sharded, and each rank trains on the same samples."""
         fingerprints = self.all_gather(_fingerprint(batch))
         if fingerprints[0] is not None and len(set(fingerprints)) == 1:
-            import warnings
-
             warnings.warn(
                 f"every rank got the same batch at step {step}: the data does not seem to be "
                 f"sharded, so each of the {self.world_size} ranks trains on the same samples. "
@@ -310,11 +309,6 @@ class Distributed:
             raise error
         return result[1]
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        if self.collectives_ok:
-            dist.barrier(group=_control_group())
-
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank (synchronous)."""
         if not self.collectives_ok:
@@ -338,11 +332,6 @@ class Distributed:
         self._stop_flag = torch.tensor([int(requested)], dtype=torch.int32)
         self._stop_work = dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX,
                                           group=_control_group(), async_op=True)
-        return self._stop_agreed
-
-    @property
-    def stop_agreed(self) -> bool:
-        """The last agreed stop decision (False when not distributed)."""
         return self._stop_agreed
 
     def end_votes(self) -> None:
