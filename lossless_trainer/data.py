@@ -29,16 +29,18 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     contents did not move is returned itself; copies from pinned memory to an
     accelerator are asynchronous. The input is never modified.
     """
-    if isinstance(batch, torch.Tensor):
-        if batch.device == device:
-            return batch
-        return batch.to(device, non_blocking=batch.is_pinned())
-    if isinstance(batch, (list, tuple)):
+    kind = type(batch)
+    if kind is tuple or kind is list:  # checked by exact type first: cheaper than isinstance
         for item in batch:  # fast path: (inputs, targets) already on the device
             if type(item) is not torch.Tensor or item.device != device:
                 break
         else:
             return batch
+    if isinstance(batch, torch.Tensor):
+        if batch.device == device:
+            return batch
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (list, tuple)):
         moved = [move_to_device(item, device) for item in batch]
         if all(new is old for new, old in zip(moved, batch)):
             return batch  # already there: skip rebuilding the container
@@ -66,6 +68,12 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 def batch_size(batch: Any) -> int | None:
     """Leading dimension of the first tensor found in `batch`, or None if there is none."""
+    kind = type(batch)
+    if (kind is tuple or kind is list) and batch and type(batch[0]) is torch.Tensor:
+        try:  # the common (inputs, targets), on the trainer's every step
+            return batch[0].shape[0]
+        except IndexError:  # a 0-d tensor
+            return None
     while True:
         if isinstance(batch, torch.Tensor):
             return int(batch.shape[0]) if batch.ndim else None

@@ -81,7 +81,7 @@ def write_summary(
     Scalars are averaged over the steps since the last flush. The other kinds are kept
     only on summary steps; guard costly ones with `is_summary_step()`.
     """
-    if _is_compiling():  # inside torch.compile tracing: leave the graph, run eagerly
+    if _is_compiling():  # inside torch.compile's tracing: leave the graph, run eagerly
         _write_summary_eager(name, value, kind, dataformats=dataformats, reduce=reduce)
         return
     sink = _SINK.get()
@@ -94,7 +94,9 @@ def write_summary(
         sink.put(prefix + name if prefix else name, value, kind, dataformats, reduce)
 
 
-_is_compiling = torch.compiler.is_compiling
+# Dynamo reads this as True while it traces; in eager code it is a function returning
+# False, cheaper than `torch.compiler.is_compiling` (which also asks TorchScript).
+_is_compiling = torch.compiler.is_dynamo_compiling
 _eager: Any = None
 
 
@@ -261,10 +263,17 @@ class SummarySink:
         window = self._scalars.get(tag)
         if window is None:
             window = self._scalars[tag] = _ScalarWindow()
-        if value.grad_fn is None and (value.requires_grad or (
-                not value.is_inference() and value._version)):
-            value = value.detach().clone()
-        window.values.append(value.detach())
+        if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
+            # `.data` is `.detach()` without the round trip through the dispatcher.
+            value = value.detach().clone() if value.is_leaf else value.data
+        else:
+            try:
+                modified = value._version
+            except RuntimeError:  # an inference tensor: it has no version counter
+                modified = 0
+            if modified:
+                value = value.clone()
+        window.values.append(value)
         window.steps.append(self.step)
         if len(window.values) >= _FOLD_AT:
             window.fold()

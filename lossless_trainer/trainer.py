@@ -280,7 +280,7 @@ class Trainer:
         self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None)
         # Per-step values hooks may read. `batch` is as the data yielded it.
         self.batch: Any = None
-        self.micro_batches: list[Any] = []
+        self.micro_batches: Sequence[Any] = ()
         self.losses: dict[str, torch.Tensor] = {}
         self.micro_losses: list[dict[str, torch.Tensor]] = []
         self.total_loss: torch.Tensor | None = None
@@ -786,7 +786,7 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.hooks.call("after_epoch", self)
 
-    def run_step(self, batches: list[Any]) -> list[dict[str, torch.Tensor]]:
+    def run_step(self, batches: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
         """One optimizer step over `grad_accum_steps` micro-batches. No `.item()`, no sync.
 
         Each micro-batch's total loss is scaled by 1/len(batches), so accumulating N
@@ -798,22 +798,18 @@ class Trainer:
             Each micro-batch's losses, as the model returned them (unscaled).
         """
         step = self.state.step + 1
-        precision, last = self.precision, len(batches) - 1
+        count = len(batches)
         per_batch = []
-        for i, batch in enumerate(batches):
-            batch = move_to_device(batch, self.device)
-            # Until the last micro-batch, forward and backward skip the gradient sync
-            # (DDP/FSDP no_sync); the last one all-reduces the accumulated sum.
-            with self._no_sync() if i < last else NO_CONTEXT:
-                if precision.dtype is None:
-                    losses, total = self._forward(batch, step)
-                else:
-                    with precision.autocast():
-                        losses, total = self._forward(batch, step)
-                if self.finite_check == "step":
-                    self._check_finite(losses, total)
-                precision.backward(total / len(batches) if last else total)
+        for i, batch in enumerate(batches, 1):
+            if i < count:
+                # Until the last micro-batch, forward and backward skip the gradient sync
+                # (DDP/FSDP no_sync); the last one all-reduces the accumulated sum.
+                with self._no_sync():
+                    losses, total = self._forward_backward(batch, step, count)
+            else:
+                losses, total = self._forward_backward(batch, step, count)
             per_batch.append(losses)
+        precision = self.precision
         precision.unscale(self.optimizer)
         for hook in self._after_backward:
             hook(self)
@@ -826,10 +822,18 @@ class Trainer:
         self.total_loss = total
         return per_batch
 
-    def _forward(self, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The model's checked losses on one batch, and their sum."""
+    def _forward_backward(self, batch: Any, step: int, count: int,
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One micro-batch of `count`: the model's checked losses and their sum, whose
+        gradient (scaled by 1/count) is added to the parameters' ``.grad``."""
+        batch = move_to_device(batch, self.device)
+        precision = self.precision
         try:
-            output = self._train_model(batch)
+            if precision.dtype is None:
+                output = self._train_model(batch)
+            else:  # autocast covers the forward, and so the model's own loss computation
+                with precision.autocast():
+                    output = self._train_model(batch)
         except RuntimeError as exc:  # DDP's unused-parameter error, made clear
             raise self.dist.explain(exc, step, self.model) from exc
         losses = check_losses(output, step, self._model_name)
@@ -837,6 +841,9 @@ class Trainer:
         total = next(values)
         for loss in values:
             total = total + loss
+        if self.finite_check == "step":
+            self._check_finite(losses, total)
+        precision.backward(total / count if count > 1 else total)
         return losses, total
 
     def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
@@ -883,12 +890,14 @@ class Trainer:
         )
 
 
-def _groups(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+def _groups(batches: Iterator[Any], size: int) -> Iterator[Sequence[Any]]:
     """Micro-batch groups of `size` (the last one may be shorter)."""
     if size == 1:
-        for batch in batches:
-            yield [batch]
-        return
+        return zip(batches)  # one-tuples, made in C: no generator frame per step
+    return _accumulated(batches, size)
+
+
+def _accumulated(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
     group: list[Any] = []
     for batch in batches:
         group.append(batch)

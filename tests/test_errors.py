@@ -40,6 +40,8 @@ class Returns(Model):
          r"loss 'const' at step 3 does not require grad"),
         (lambda m, loss: {"ce": 0.5}, r"loss 'ce' at step 3 is a float, not a tensor"),
         (lambda m, loss: {1: loss}, r"loss key 1 of type int at step 3"),
+        (lambda m, loss: {"ce": loss * (1 + 0j)},
+         r"loss 'ce' at step 3 has dtype torch.complex64; losses must be floating point"),
     ],
 )
 def test_bad_training_output_names_problem_key_and_step(quiet, make, message):
@@ -51,6 +53,18 @@ def test_bare_scalar_tensor_is_accepted_as_loss(quiet):
     trainer = Trainer(Returns(lambda m, loss: loss), make_batches(2), **quiet)
     trainer.fit()
     assert list(trainer.losses) == ["loss"]
+
+
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass, as some libraries return: the exact-type fast path does not apply."""
+
+
+def test_tensor_subclass_losses_are_accepted(quiet):
+    model = Returns(lambda m, loss: {"ce": loss.as_subclass(TaggedTensor)}, from_step=1)
+    trainer = Trainer(model, make_batches(3), log_every=1, **quiet)
+    trainer.fit()
+    assert trainer.state.step == 3 and isinstance(trainer.losses["ce"], TaggedTensor)
+    assert trainer.last_summary is not None and "loss/ce" in trainer.last_summary.scalars
 
 
 def _nan_from(step: int, key: str = "aux", value: float = float("nan")):

@@ -241,6 +241,19 @@ def test_parameters_and_updated_buffers_are_logged_by_value():
     assert sink.flush().scalars == {"scale": (1 + 2 + 4) / 3, "counter": (1 + 2 + 3) / 3}
 
 
+def test_stored_scalars_hold_no_graph_and_inference_tensors_are_accepted():
+    sink = SummarySink()
+    weight = torch.nn.Parameter(torch.tensor(3.0))
+    with sink.activate():
+        sink.begin_step(1, writing=False)
+        write_summary("grad_path", weight * 2)  # requires grad, not a leaf
+        with torch.inference_mode():
+            write_summary("inference", torch.tensor(5.0) + 1)  # no version counter
+    stored = sink._scalars["grad_path"].values[0]
+    assert not stored.requires_grad and stored.grad_fn is None
+    assert sink.flush().scalars == {"grad_path": 6.0, "inference": 6.0}
+
+
 def test_numpy_scalars_are_scalars():
     import numpy as np
 

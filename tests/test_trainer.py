@@ -180,6 +180,19 @@ def test_move_to_device_recurses_and_keeps_types():
     assert batch_size({"name": "x"}) is None
 
 
+def test_batches_already_on_the_device_are_passed_as_they_are():
+    cpu = torch.device("cpu")
+    pair, listed = (torch.ones(2), torch.zeros(2)), [torch.ones(3), torch.zeros(3)]
+    named = Pair(torch.ones(2), "tag")
+    for batch in (pair, listed, named):
+        assert move_to_device(batch, cpu) is batch
+    moved = move_to_device(named, torch.device("meta"))
+    assert isinstance(moved, Pair) and moved.x.device.type == "meta" and moved.meta == "tag"
+    assert batch_size(pair) == 2 and batch_size(listed) == 3
+    assert batch_size((torch.tensor(1.0), torch.ones(4))) is None  # a 0-d first tensor
+    assert batch_size([{"x": torch.ones(6, 1)}]) == 6 and batch_size(()) is None
+
+
 def test_batch_reaches_the_model_whole(quiet):
     seen = []
 
