@@ -402,10 +402,13 @@ class SummarySink:
             if stack is not None:
                 numbers_ = host[id(stack)]
                 end = start + len(window.values)
-                for i, value in enumerate(numbers_[start:end]):
+                values = numbers_[start:end]
+                for value in values:
                     total += value
-                    if not bad_steps and not math.isfinite(value):
-                        bad_steps.append(window.steps[window.offset + i])
+                if not math.isfinite(total):  # a NaN or Inf reaches the sum: find the first
+                    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+                    if bad is not None:
+                        bad_steps.append(window.steps[window.offset + bad])
                 count += len(window.values)
                 if window.total is not None:
                     folded_sum, folded_bad = numbers_[end:end + 2]

@@ -250,6 +250,8 @@ class Trainer:
         # What the step calls: the DDP wrapper, or the model itself. `self.model` stays
         # the user's module, so checkpoints have the same keys with or without torchrun.
         self._train_model = self.dist.wrap(self.model, find_unused_parameters, fsdp_units)
+        # Looked up once: a missing attribute of an nn.Module costs an exception each time.
+        self._wrapped_no_sync = getattr(self._train_model, "no_sync", None)
         self.optimizer = _build_optimizer(optimizer, self.model)
         self.precision = Precision(precision, self.device)
         self.lr_scheduler = _build_scheduler(lr_scheduler, self.optimizer)
@@ -851,7 +853,7 @@ class Trainer:
         gradients are all-reduced once, with the last one's."""
         if self.dist.enabled:
             return self.dist.no_sync(self._train_model)
-        no_sync = getattr(self._train_model, "no_sync", None)  # a model the user wrapped
+        no_sync = self._wrapped_no_sync  # a model the user wrapped in DDP themselves
         return no_sync() if no_sync is not None else NO_CONTEXT
 
     def _clip(self) -> None:

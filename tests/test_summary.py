@@ -93,6 +93,18 @@ def test_python_number_nonfinite_is_reported():
     assert sink.flush().nonfinite == {"p": 7}
 
 
+def test_first_nonfinite_step_is_the_earliest_of_numbers_and_tensors():
+    sink = SummarySink()
+    with sink.activate():
+        for step, value in ((1, 1.0), (2, torch.tensor(float("inf"))), (3, float("nan")),
+                            (4, torch.tensor(float("nan"))), (5, torch.tensor(2.0))):
+            sink.begin_step(step, writing=False)
+            write_summary("mixed", value)
+            write_summary("fine", torch.tensor(float(step)))
+    record = sink.flush()
+    assert record.nonfinite == {"mixed": 2} and record.scalars["fine"] == 3.0
+
+
 def test_kind_inference_and_explicit_kinds():
     sink = SummarySink()
     with sink.activate():
