@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -57,3 +63,18 @@ def read_metrics(log_dir: str) -> list[dict]:
     """The run's metrics.jsonl, one dict per flush."""
     with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@contextmanager
+def loaded_benchmark(filename: str) -> Iterator[ModuleType]:
+    """A script of benchmarks/ imported as a module, for the duration of the block."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / filename
+    name = f"benchmark_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]

@@ -3,24 +3,15 @@ the Trainer and the hand-written loop end with bitwise-equal weights."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "overhead.py"
+from conftest import loaded_benchmark
 
 
 @pytest.fixture(scope="module")
 def overhead():
-    spec = importlib.util.spec_from_file_location("overhead_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with loaded_benchmark("overhead.py") as module:
+        yield module
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-bf16", "tiny-accum4"])
