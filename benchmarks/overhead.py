@@ -14,13 +14,14 @@ Method:
   seconds, so two runs timed one after the other, even alternating, differ by more than
   the overhead being measured. Each round is therefore one `Trainer.fit` whose data is an
   `Interleaved` iterable: before handing the Trainer each chunk of ``--chunk`` batches
-  (default per case, 50 for tiny), it runs the same batches through the hand-written loop
-  on a twin model (same seed, same initial weights, its own optimizer), and times both
-  sides. A trainer chunk is timed from the end of the raw chunk before it to the moment
-  the Trainer asks for the next batch, so it contains everything the Trainer does per
-  step (checks, hooks, summaries, flushes, writer hand-overs). Trainer and raw chunks of
-  the same batches are a few milliseconds apart, so drift affects both alike. The raw
-  chunks run with summaries off, exactly as outside `fit`.
+  (default per case, 50 for tiny), it runs equal copies of the same batches through the
+  hand-written loop on a twin model (same seed, same initial weights, its own
+  optimizer), and times both sides. A trainer chunk is timed from the end of the raw
+  chunk before it to the moment the Trainer asks for the next batch, so it contains
+  everything the Trainer does per step (checks, hooks, summaries, flushes, writer
+  hand-overs). Trainer and raw chunks of the same batches are a few milliseconds apart,
+  so drift affects both alike. The raw chunks run with summaries off, exactly as
+  outside `fit`.
 * The ratio of a round is the Trainer's total chunk time over the raw loop's, over the
   chunks after the first (warm-up); the reported ratio is the median over rounds. The
   per-step times are medians over rounds too.
@@ -192,7 +193,7 @@ class Case:
 
 
 CASES: list[Case] = [
-    Case("tiny", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=11,
+    Case("tiny", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=21,
          chunk=50, target=1.05),
     Case("medium", (784, 1024, 1024, 10), batch_size=256, steps=100, quick_steps=30,
          rounds=5, chunk=10, target=1.02, distinct_batches=16),
@@ -226,7 +227,10 @@ class Interleaved:
     is never followed by a request, so it is not timed; nor is anything before `warmup`.
 
     Args:
-        batches: The batches, already on the device.
+        batches: The Trainer's batches, already on the device.
+        raw_batches: Equal copies for the raw loop. Were both sides to share the batch
+            tensors, the raw chunk would leave them in the cache for the Trainer's chunk
+            right after it, which shows on models whose batches are large (medium).
         raw: The hand-written loop.
         twin: The raw loop's model and optimizer, built like the Trainer's.
         chunk: Batches per chunk.
@@ -234,10 +238,10 @@ class Interleaved:
         device: Synchronised before each clock reading.
     """
 
-    def __init__(self, batches: list[Batch], raw: RawLoop,
+    def __init__(self, batches: list[Batch], raw_batches: list[Batch], raw: RawLoop,
                  twin: tuple[nn.Module, torch.optim.Optimizer], chunk: int, warmup: int,
                  device: torch.device) -> None:
-        self.batches, self.raw, self.twin = batches, raw, twin
+        self.batches, self.raw_batches, self.raw, self.twin = batches, raw_batches, raw, twin
         self.chunk, self.warmup, self.device = chunk, warmup, device
         # By chunk start: (seconds, minor faults) of each side.
         self.trainer: dict[int, tuple[float, int]] = {}
@@ -249,20 +253,21 @@ class Interleaved:
     def __iter__(self) -> Iterator[Batch]:
         clock, chunk = time.perf_counter, self.chunk
         resumed: tuple[float, int] | None = None  # when the Trainer's chunk began
-        for i, batch in enumerate(self.batches):
-            if i % chunk == 0:
-                synchronize(self.device)
-                now, faults = clock(), minor_faults()
-                if resumed is not None and i - chunk >= self.warmup:
-                    self.trainer[i - chunk] = (now - resumed[0], faults - resumed[1])
-                with summaries_off():  # as outside fit: write_summary does nothing
-                    self.raw(*self.twin, self.batches[i:i + chunk])
-                synchronize(self.device)
-                end, end_faults = clock(), minor_faults()
-                if i >= self.warmup:
-                    self.raw_times[i] = (end - now, end_faults - faults)
-                resumed = (clock(), minor_faults())
-            yield batch
+        for start in range(0, len(self.batches), chunk):
+            synchronize(self.device)
+            now, faults = clock(), minor_faults()
+            if resumed is not None and start - chunk >= self.warmup:
+                self.trainer[start - chunk] = (now - resumed[0], faults - resumed[1])
+            with summaries_off():  # as outside fit: write_summary does nothing
+                self.raw(*self.twin, self.raw_batches[start:start + chunk])
+            synchronize(self.device)
+            end, end_faults = clock(), minor_faults()
+            if start >= self.warmup:
+                self.raw_times[start] = (end - now, end_faults - faults)
+            resumed = (clock(), minor_faults())
+            # The Trainer's batches come through this generator: one resume per batch
+            # more than the raw loop's list iteration, counted against the Trainer.
+            yield from self.batches[start:start + chunk]
 
     def pairs(self) -> list[tuple[tuple[float, int], tuple[float, int]]]:
         """(Trainer, raw) timings of every chunk both sides were timed on."""
@@ -318,6 +323,13 @@ class Result:
         return q1, q3
 
 
+def copies(batches: list[Batch]) -> list[Batch]:
+    """Equal batches in tensors of their own, cycling like `batches` does."""
+    made: dict[int, Batch] = {}
+    return [made.setdefault(id(batch), (batch[0].clone(), batch[1].clone()))
+            for batch in batches]
+
+
 def make_batches(case: Case, steps: int, device: torch.device, seed: int) -> list[Batch]:
     """`steps` batches on `device`, cycling through `case.distinct_batches` tensors."""
     generator = torch.Generator().manual_seed(seed)
@@ -357,7 +369,8 @@ def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torc
                       seed: int, log_dir: str) -> Round:
     """One `fit` over `batches`, interleaved chunk by chunk with the raw loop."""
     twin = build(case, device, seed)
-    data = Interleaved(batches, case.raw, twin, chunk, warmup=chunk, device=device)
+    data = Interleaved(batches, copies(batches), case.raw, twin, chunk, warmup=chunk,
+                       device=device)
     trainer = make_trainer(case, data, device, seed, log_dir)
     gc.collect()
     trainer.fit()

@@ -252,6 +252,8 @@ class Trainer:
         self._train_model = self.dist.wrap(self.model, find_unused_parameters, fsdp_units)
         # Looked up once: a missing attribute of an nn.Module costs an exception each time.
         self._wrapped_no_sync = getattr(self._train_model, "no_sync", None)
+        # Whether the backward all-reduces gradients, which accumulation can skip.
+        self._syncs_gradients = self.dist.enabled or self._wrapped_no_sync is not None
         self.optimizer = _build_optimizer(optimizer, self.model)
         self.precision = Precision(precision, self.device)
         self.lr_scheduler = _build_scheduler(lr_scheduler, self.optimizer)
@@ -803,7 +805,7 @@ class Trainer:
         count = len(batches)
         per_batch = []
         for i, batch in enumerate(batches, 1):
-            if i < count:
+            if i < count and self._syncs_gradients:
                 # Until the last micro-batch, forward and backward skip the gradient sync
                 # (DDP/FSDP no_sync); the last one all-reduces the accumulated sum.
                 with self._no_sync():

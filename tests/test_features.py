@@ -3,6 +3,7 @@ training step."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -67,6 +68,27 @@ def test_accumulation_counts_optimizer_steps_and_logs_micro_batch_means(fresh):
     assert [line["step"] for line in lines] == [2, 4]
     assert lines[0]["perf/samples_per_sec"] > 0
     assert lines[0]["loss/total"] == pytest.approx(lines[0]["loss/mse"])
+
+
+def test_accumulation_skips_the_sync_of_a_model_the_user_wrapped(fresh):
+    """A model with its own `no_sync` (one wrapped in DDP by hand, say) is asked to skip
+    the gradient sync for every micro-batch but the last of each step."""
+    log: list[str] = []
+
+    class Wrapped(Regressor):
+        @contextlib.contextmanager
+        def no_sync(self):
+            log.append("enter")
+            yield
+            log.append("exit")
+
+        def forward(self, batch):
+            log.append("forward")
+            return super().forward(batch)
+
+    Trainer(Wrapped(), regression_data(7, 4), grad_accum_steps=3, **fresh()).fit()
+    one_step = ["enter", "forward", "exit"] * 2 + ["forward"]
+    assert log == one_step * 2 + ["forward"]  # the epoch's leftover: a step of one
 
 
 def test_bf16_autocasts_the_forward_and_its_loss_on_cpu(fresh):

@@ -20,7 +20,8 @@ def test_each_round_times_both_sides_and_ends_with_equal_weights(overhead, tmp_p
     cpu = torch.device("cpu")
     batches = overhead.make_batches(case, 96, cpu, seed=0)
     twin = overhead.build(case, cpu, seed=0)
-    data = overhead.Interleaved(batches, case.raw, twin, chunk=24, warmup=24, device=cpu)
+    data = overhead.Interleaved(batches, overhead.copies(batches), case.raw, twin, chunk=24,
+                                warmup=24, device=cpu)
     trainer = overhead.make_trainer(case, data, cpu, 0, str(tmp_path))
     trainer.fit()
     # Chunks start at 0, 24, 48, 72; the first is warm-up, and the Trainer's last chunk
