@@ -53,7 +53,7 @@ from .hooks import (
     logger,
 )
 from .model import check_losses
-from .precision import NO_CONTEXT, Precision
+from .precision import Precision
 from .summary import SummaryRecord, SummarySink
 from .writers import BackgroundWriter, JSONLinesWriter, TensorBoardWriter
 
@@ -852,11 +852,11 @@ class Trainer:
 
     def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
         """DDP's `no_sync` (FSDP's equivalent), for all but the last micro-batch: their
-        gradients are all-reduced once, with the last one's."""
+        gradients are all-reduced once, with the last one's. Only called when the
+        gradients are synced at all (`_syncs_gradients`)."""
         if self.dist.enabled:
             return self.dist.no_sync(self._train_model)
-        no_sync = self._wrapped_no_sync  # a model the user wrapped in DDP themselves
-        return no_sync() if no_sync is not None else NO_CONTEXT
+        return self._wrapped_no_sync()  # a model the user wrapped in DDP themselves
 
     def _clip(self) -> None:
         """Clip the (unscaled) gradients; log their norm before clipping, on the device."""
