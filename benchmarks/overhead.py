@@ -271,8 +271,8 @@ class Interleaved:
 
     def pairs(self) -> list[tuple[tuple[float, int], tuple[float, int]]]:
         """(Trainer, raw) timings of every chunk both sides were timed on."""
-        return [(self.trainer[i], self.raw_times[i]) for i in sorted(self.trainer)
-                if i in self.raw_times]
+        # A timed Trainer chunk always follows a timed raw chunk of the same batches.
+        return [(self.trainer[i], self.raw_times[i]) for i in sorted(self.trainer)]
 
 
 @dataclass
@@ -297,7 +297,7 @@ class Result:
     case: Case
     batches: int
     rounds: list[Round]
-    fixed_seconds: float
+    fixed_seconds: float = 0.0  # measured after the rounds, from their overhead
 
     def median(self, attribute: str) -> float:
         return statistics.median(getattr(r, attribute) for r in self.rounds)
@@ -391,9 +391,9 @@ def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torc
 
 def fixed_cost(case: Case, batches: list[Batch], device: torch.device, seed: int,
                log_root: str, per_batch_overhead: float, rounds: int = 5) -> float:
-    """Seconds one `fit()` call costs beyond its steps: whole short `fit` calls against
-    the raw loop on the same batches, alternating, minus the steps' own overhead."""
-    short = batches[:max(case.accumulation, 2 * case.accumulation)]
+    """Seconds one `fit()` call costs beyond its steps: whole `fit` calls of two steps,
+    each followed by the raw loop on the same batches, minus the steps' own overhead."""
+    short = batches[:2 * case.accumulation]
     differences = []
     for i in range(rounds):
         trainer = make_trainer(case, short, device, seed, os.path.join(log_root, f"fixed{i}"))
@@ -424,7 +424,7 @@ def bench_case(case: Case, device: torch.device, quick: bool, rounds: int | None
     interleaved_round(case, batches, chunk, device, seed, next(run_dirs))  # warm-up
     done = [interleaved_round(case, batches, chunk, device, seed, next(run_dirs))
             for _ in range(rounds)]
-    result = Result(case, steps, done, fixed_seconds=0.0)
+    result = Result(case, steps, done)
     result.fixed_seconds = fixed_cost(case, batches, device, seed, log_root, result.overhead)
     return result
 
