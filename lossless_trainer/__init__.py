@@ -4,16 +4,19 @@ In training mode ``model(batch)`` returns a dict of named scalar losses; the tra
 them, backpropagates and steps. `write_summary` logs from anywhere inside the model.
 """
 
+from .checkpoint import CheckpointError
 from .errors import ModelOutputError, NonFiniteLossError
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import BestCheckpoint, EarlyStopping, Hook
 from .model import Model, WithLoss
-from .summary import is_summary_step, summary_scope, write_summary
-from .trainer import Trainer, TrainState
+from .state import Priority, TrainerView, TrainState
+from .summary import SummaryRecord, is_summary_step, summaries_off, summary_scope, write_summary
+from .trainer import Trainer
 
 __all__ = [
     "Accuracy",
     "BestCheckpoint",
+    "CheckpointError",
     "EarlyStopping",
     "Evaluator",
     "Hook",
@@ -21,10 +24,14 @@ __all__ = [
     "Model",
     "ModelOutputError",
     "NonFiniteLossError",
+    "Priority",
+    "SummaryRecord",
     "TrainState",
     "Trainer",
+    "TrainerView",
     "WithLoss",
     "is_summary_step",
+    "summaries_off",
     "summary_scope",
     "write_summary",
 ]

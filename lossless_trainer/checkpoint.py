@@ -1,5 +1,8 @@
 """Checkpoint files: atomic writes, safe loads, finding the newest valid one, pruning.
 
+Files only: what goes into a checkpoint is `Trainer.state_dict`'s business, the RNG and
+the data position are resume.py's, and gathering a sharded model is distributed.py's.
+
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers, so it
 loads with ``torch.load(weights_only=True)``: loading can never run code. Files are named
 ``step-<step>.pt`` (nine digits) in ``<log_dir>/checkpoints/``.
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import tempfile
 import warnings
@@ -23,14 +25,12 @@ import torch
 
 __all__ = [
     "CheckpointError",
-    "capture_rng",
     "checkpoint_path",
     "list_checkpoints",
     "load_checkpoint",
     "load_newest_valid",
     "prune_checkpoints",
     "remove_stale_temporaries",
-    "restore_rng",
     "save_atomic",
     "set_aside_newer",
 ]
@@ -179,55 +179,6 @@ def remove_stale_temporaries(directory: str) -> None:
         if name.startswith(_TMP_PREFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
-
-
-def capture_rng() -> dict[str, Any]:
-    """Every global RNG state, as tensors and plain containers."""
-    state: dict[str, Any] = {"python": _python_rng_to_plain(random.getstate()),
-                             "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-    except ImportError:
-        pass
-    else:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")),
-                          "pos": int(pos), "has_gauss": int(has_gauss),
-                          "gauss": float(gauss)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Set every global RNG to a state from `capture_rng`."""
-    random.setstate(_python_rng_from_plain(state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        numpy_state = state["numpy"]
-        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype("uint32"),
-                             numpy_state["pos"], numpy_state["has_gauss"],
-                             numpy_state["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"]
-        if len(states) != torch.cuda.device_count():
-            raise CheckpointError(
-                f"the checkpoint holds RNG states for {len(states)} CUDA devices, this "
-                f"process sees {torch.cuda.device_count()}"
-            )
-        torch.cuda.set_rng_state_all(states)
-
-
-def _python_rng_to_plain(state: tuple[Any, ...]) -> dict[str, Any]:
-    version, internal, gauss = state
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss}
-
-
-def _python_rng_from_plain(state: dict[str, Any]) -> tuple[Any, ...]:
-    return (state["version"], tuple(state["internal"].tolist()), state["gauss"])
 
 
 def _short(exc: BaseException) -> str:

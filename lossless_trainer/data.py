@@ -1,22 +1,33 @@
-"""Batches: moving them to the device, sizing them, and iterating epochs resumably."""
+"""Batches: moving them to the device, sizing them, picking parts of them, grouping them
+into micro-batches, and the DataLoader utilities the trainer needs (rebuilding a loader
+with another sampler, its generators, its epoch).
+
+Resuming in the middle of an epoch is resume.py's job; this module knows nothing of
+checkpoints.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
+
+from .errors import ModelOutputError
 
 __all__ = [
+    "Selector",
     "batch_size",
     "is_one_shot",
-    "iterate_resumed_epoch",
+    "length",
     "loader_generators",
+    "micro_batch_groups",
     "move_to_device",
     "rebuild_loader",
-    "start_epoch",
+    "select",
+    "set_epoch",
 ]
 
 
@@ -141,45 +152,6 @@ def rebuild_loader(loader: DataLoader, **overrides: Any) -> DataLoader:
     return DataLoader(loader.dataset, **kwargs)
 
 
-class _SkipBatches(Sampler[list[int]]):
-    """Yields a batch sampler's index lists after dropping the first `skip`.
-
-    Only indices are skipped: no sample is loaded for the dropped batches. Once they are
-    dropped (the sampler has drawn its order for the epoch), `on_skipped` runs.
-    """
-
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int,
-                 on_skipped: Callable[[], None]) -> None:
-        self.batch_sampler = batch_sampler
-        self.skip = skip
-        self.on_skipped = on_skipped
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = iter(self.batch_sampler)
-        for _ in range(self.skip):
-            next(batches, None)
-        self.on_skipped()
-        yield from batches
-
-
-def start_epoch(data: Iterable[Any], epoch: int, first_in_process: bool) -> Iterator[Any]:
-    """``iter(data)`` for `epoch`, drawing from the RNG exactly as an uninterrupted run would.
-
-    A DataLoader with persistent workers draws its workers' base seed only when its
-    first epoch starts; later epochs reuse the workers. A resumed run starting at a
-    later epoch would draw it again and shift the RNG stream, so that draw goes to a
-    throwaway generator. (The workers' own seeds then differ from the original run's;
-    see docs/checkpoints.md.)
-    """
-    set_epoch(data, epoch)
-    if not (first_in_process and epoch > 0 and _persistent(data)):
-        return iter(data)
-    return _iter_with_throwaway_base_seed(data)  # type: ignore[arg-type]
-
-
 def set_epoch(data: Any, epoch: int) -> None:
     """Tell a DataLoader's epoch-aware sampler (a `DistributedSampler`) which epoch
     starts, so it shuffles differently each epoch and identically on every rank."""
@@ -191,68 +163,74 @@ def set_epoch(data: Any, epoch: int) -> None:
             return
 
 
-def first_checked(batches: Iterator[Any], check: Callable[[Any], None]) -> Iterator[Any]:
-    """`batches`, with `check` called on the first one before it is yielded (or on None
-    when there is none)."""
-    first = next(batches, _NOTHING)
-    check(None if first is _NOTHING else first)
-    if first is not _NOTHING:
-        yield first
-        yield from batches
-
-
-_NOTHING = object()
-
-
-def _persistent(data: Any) -> bool:
-    return isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0
-
-
-def _iter_with_throwaway_base_seed(loader: DataLoader) -> Iterator[Any]:
-    saved = loader.generator
-    loader.generator = torch.Generator()
+def length(data: Any) -> int | None:
+    """Batches per epoch, when the data knows without being iterated."""
+    if isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
+        return None  # len() would warn later, or raise for datasets without __len__
     try:
-        return iter(loader)
-    finally:
-        loader.generator = saved
+        return len(data)
+    except TypeError:
+        return None
 
 
-def iterate_resumed_epoch(data: Iterable[Any], skip: int, epoch: int,
-                          on_skipped: Callable[[], None]) -> Iterator[Any]:
-    """Iterate one epoch of `data` from its `skip`-th batch, as if the first `skip`
-    batches had just been consumed.
+def micro_batch_groups(batches: Iterator[Any], size: int) -> Iterator[Sequence[Any]]:
+    """The micro-batches of each optimizer step: groups of `size` (the last one of an
+    epoch may be shorter)."""
+    if size == 1:
+        return zip(batches)  # one-tuples, made in C: no generator frame per step
+    return _accumulated(batches, size)
 
-    Call it with the RNG state the interrupted epoch started with. `on_skipped` runs once
-    the skipped part is behind, just before the first batch is fetched; it is where the
-    caller restores the RNG state of the moment the checkpoint was taken.
 
-    A map-style DataLoader skips at the batch-sampler level: the epoch's order is drawn
-    exactly as before and the skipped samples are never loaded. Any other iterable is
-    iterated and the skipped batches discarded, so they are read again.
+def _accumulated(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+# Where a part of a batch (or of predictions) is: an index or key, a callable, or a
+# tuple of those for several parts.
+Selector = Hashable | Callable[[Any], Any] | tuple[Any, ...]
+
+
+def select(batch: Any, selector: Any, default_index: int, role: str,
+           who: str = "WithLoss") -> Any:
+    """The part of `batch` that `selector` names; with None, ``batch[default_index]`` of
+    a tuple or list (or a tensor batch itself, for the inputs).
+
+    Args:
+        batch: A batch, or a model's predictions.
+        selector: An index or key, a callable ``batch -> part``, a tuple of those (a
+            tuple of parts), or None for the default.
+        default_index: The position the default takes from a tuple or list.
+        role: What is being selected, for errors (``"inputs"``, ``"targets"``...).
+        who: Who selects, for errors (``"WithLoss"``, ``"Accuracy"``...).
 
     Raises:
-        ValueError: the data ran out before `skip` batches.
+        ModelOutputError: the part is not there, naming where it was looked for.
     """
-    set_epoch(data, epoch)
-    if isinstance(data, DataLoader) and data.batch_sampler is not None \
-            and not isinstance(data.dataset, IterableDataset):
-        # A one-epoch loader: its workers need not persist. It draws a worker base seed
-        # when it starts, as the original did unless its workers persisted from an
-        # earlier epoch; then a throwaway generator takes that draw.
-        reused_workers = _persistent(data) and epoch > 0
-        return iter(rebuild_loader(
-            data, batch_sampler=_SkipBatches(data.batch_sampler, skip, on_skipped),
-            persistent_workers=False,
-            generator=torch.Generator() if reused_workers else data.generator))
-    batches = start_epoch(data, epoch, first_in_process=True)
-    for done in range(skip):
-        try:
-            next(batches)
-        except StopIteration:
-            raise ValueError(
-                f"resuming needs to skip the {skip} batches of this epoch that were already "
-                f"trained on, but the data ran out after {done}; it must yield the same "
-                "batches as in the interrupted run"
-            ) from None
-    on_skipped()
-    return batches
+    if selector is None:
+        if isinstance(batch, (tuple, list)) and len(batch) > default_index:
+            return batch[default_index]
+        if isinstance(batch, torch.Tensor) and role == "inputs":
+            return batch
+        raise ModelOutputError(
+            f"{who} could not find the {role} in a batch of type {type(batch).__name__}: "
+            f"the default expects (inputs, targets) tuples. Pass {role}=<key, index or "
+            "callable> to say where they are"
+        )
+    if isinstance(selector, tuple):
+        return tuple(select(batch, part, default_index, role, who) for part in selector)
+    if callable(selector):
+        return selector(batch)
+    try:
+        return batch[selector]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ModelOutputError(
+            f"{who}: {role}={selector!r} not found in a batch of type "
+            f"{type(batch).__name__} ({exc!r})"
+        ) from exc

@@ -177,6 +177,96 @@ class Distributed:
             return _fsdp_no_sync(train_model)
         return contextlib.nullcontext()
 
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def own_part(self, state: dict[str, Any]) -> dict[str, Any]:
+        """This rank's view of a checkpoint: the shared state with this rank's own part
+        (RNG states, data position, hook states, summary window) on top.
+
+        Raises:
+            ValueError: the checkpoint was written by a different number of processes.
+        """
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"it was written by {saved_world} process(es) and this run has "
+                f"{self.world_size}: the per-process RNG states and the position in the "
+                "sharded data cannot be carried over exactly. Resume with the same number "
+                f"of processes (torchrun --nproc_per_node={saved_world} ...), or start a new "
+                "run in another log_dir from its weights: model.load_state_dict("
+                "torch.load(path, weights_only=True)['model'])"
+            )
+        if not self.enabled:
+            return state
+        return {**state, **state["ranks"][self.rank]}
+
+    def model_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and the optimizer's state dicts. Under FSDP, full and unsharded,
+        gathered to rank 0's CPU (a collective: every rank calls it), so the file does
+        not depend on the number of processes and loads into the plain model."""
+        if self.strategy != "fsdp":
+            return model.state_dict(), optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(model, options=options),
+                get_optimizer_state_dict(model, optimizer, options=options))
+
+    def load_model_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                   model_state: dict[str, Any],
+                                   optimizer_state: dict[str, Any]) -> None:
+        """Load what `model_optimizer_state` returned. Under FSDP, rank 0 holds the full
+        state (see `read_checkpoint`) and sends each rank its shards, tensor by tensor."""
+        if self.strategy != "fsdp":
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, model_state, options=options)
+        has_state = optimizer_state.get("has_state", bool(optimizer_state.get("state")))
+        if has_state:
+            set_optimizer_state_dict(model, optimizer,
+                                     optimizer_state if self.is_main else {}, options=options)
+        else:  # a stateless optimizer (plain SGD), which torch's loader cannot place
+            for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"]):
+                group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def read_checkpoint(self, path: str, preloaded: dict[str, Any] | None,
+                        load: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint at `path` for this rank (every rank calls it).
+
+        Without FSDP every rank reads the whole file (rank 0 may pass it `preloaded`).
+        Under FSDP only rank 0 holds the full state in memory; the others get its small
+        part here (counters, the per-rank RNG and data states) and their shards of the
+        model and optimizer from rank 0 in `load_model_optimizer_state`.
+        """
+        if self.strategy != "fsdp":
+            return preloaded if preloaded is not None else load(path)
+        full: dict[str, Any] = {} if preloaded is None else {"state": preloaded}
+
+        def small_part() -> dict[str, Any]:
+            if "state" not in full:
+                full["state"] = load(path)
+            state = full["state"]
+            small = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            small["optimizer"] = {"param_groups": state["optimizer"]["param_groups"],
+                                  "has_state": bool(state["optimizer"].get("state"))}
+            return small
+
+        small = self.on_main(small_part)
+        return full["state"] if self.is_main else {**small, "model": {}}
+
     # -- data -----------------------------------------------------------------------------
 
     def shard(self, data: Iterable[Any], seed: int) -> tuple[Iterable[Any], bool]:

@@ -14,8 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .data import move_to_device
-from .model import Selector, _select
+from .data import Selector, move_to_device, select
 from .precision import Precision
 from .summary import SummarySink
 
@@ -66,8 +65,9 @@ class _Streaming:
     def _pair(self, batch: Any, predictions: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(the relevant predictions, the targets) of one batch."""
         if self.predictions is not None:
-            predictions = _select(predictions, self.predictions, 0, "predictions")
-        return predictions, _select(batch, self.targets, 1, "targets")
+            predictions = select(predictions, self.predictions, 0, "predictions",
+                                 type(self).__name__)
+        return predictions, select(batch, self.targets, 1, "targets", type(self).__name__)
 
 
 class Accuracy(_Streaming):
@@ -159,18 +159,18 @@ class MeanSquaredError(_Streaming):
 
 
 def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequence[Evaluator],
-                   device: torch.device, precision: Precision) -> tuple[dict[str, float],
-                                                                        dict[str, float]]:
+                   device: torch.device, precision: Precision) -> dict[str, float]:
     """Run `model` in eval mode under `torch.inference_mode()` over `data`.
 
     The model's previous train/eval mode is restored afterwards, even on error.
 
     Returns:
-        The evaluators' merged results, and the mean of every scalar the model wrote with
-        `write_summary` during the evaluation.
+        The evaluators' results, merged with the mean of every scalar the model wrote
+        with `write_summary` during the evaluation.
 
     Raises:
-        ValueError: two evaluators report the same key, or the data is empty.
+        ValueError: two evaluators report the same key, an evaluator key is also a
+            summary tag, or the data is empty.
     """
     for evaluator in evaluators:
         if not isinstance(evaluator, Evaluator):
@@ -179,8 +179,7 @@ def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequ
                 "process(batch, predictions) and compute()"
             )
         evaluator.reset()
-    sink = SummarySink()
-    sink.writing = False  # histograms and images of every eval batch would be waste
+    sink = SummarySink()  # never flush-due: histograms and images of every batch would be waste
     was_training = model.training
     model.eval()
     batches = 0
@@ -204,4 +203,8 @@ def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequ
                     f"two evaluators report {key!r}; give one of them a name= prefix"
                 )
             results[key] = float(value)
-    return results, sink.flush().scalars
+    summaries = sink.flush().scalars
+    for key in summaries.keys() & results.keys():
+        raise ValueError(f"{key!r} is both an evaluator key and a write_summary tag in "
+                         "eval mode; rename one")
+    return {**results, **summaries}

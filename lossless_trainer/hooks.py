@@ -1,8 +1,8 @@
 """Hooks: everything the trainer does besides the step hangs here.
 
-A hook observes the trainer at fixed points and may request a stop. It reads the
-trainer's public attributes (`state`, `model`, `optimizer`, `losses`, `last_summary`)
-and does not reach into private ones.
+A hook observes the trainer at fixed points and may request a stop. It sees the trainer
+through `TrainerView` (state.py), the documented list of what a hook may use; the
+built-in hooks here use nothing else, and this module does not import the trainer.
 
 Order of the hook points in `fit`::
 
@@ -15,35 +15,30 @@ Order of the hook points in `fit`::
     after_train                          (always, even after an exception)
     on_exception(exc)                    (before after_train, when fit raises)
 
-Hooks run in ascending `priority`, then in the order given. `after_train` and
+Hooks run in ascending `priority`, then in the order given; `Priority` (state.py) names
+the built-in hooks' places and explains why they are in that order. `after_train` and
 `on_exception` run for every hook even if one of them fails.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .checkpoint import checkpoint_path, prune_checkpoints
 from .data import batch_size
 from .errors import NonFiniteLossError
+from .state import Priority, TrainerView, logger
 from .summary import SummaryRecord
-from .writers import format_scalars, stdout_is_terminal
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 __all__ = ["BestCheckpoint", "CheckpointHook", "EarlyStopping", "EvaluationHook", "Hook",
-           "HookList", "LoggingHook", "ProgressHook"]
-
-logger = logging.getLogger("lossless_trainer")
+           "HookList", "LoggingHook", "ProgressHook", "builtin_hooks"]
 
 _POINTS = ("before_train", "before_epoch", "before_step", "after_backward", "after_step",
            "after_epoch")
@@ -56,39 +51,37 @@ class Hook:
     methods that subclasses define.
 
     Attributes:
-        priority: Lower runs earlier. User hooks default to 50; the built-in logging
-            hook runs at 90, after them, so summaries they write in `after_step` land
-            in the same flush; checkpointing at 92, after the flush; the progress
-            display at 95.
+        priority: Lower runs earlier: `Priority.DEFAULT` (50) unless set. The built-in
+            hooks run after yours; see `Priority` for their places and the reasons.
         state_key: Name of the hook's state in checkpoints. Default: the class name,
             numbered when several hooks share it. Set it when hooks may be reordered.
     """
 
-    priority: int = 50
+    priority: int = Priority.DEFAULT
     state_key: str | None = None
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         """Called once at the start of `fit`, with summaries active."""
 
-    def before_epoch(self, trainer: Trainer) -> None:
+    def before_epoch(self, trainer: TrainerView) -> None:
         """Called before the first batch of every epoch."""
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, trainer: TrainerView) -> None:
         """Called before every step; `trainer.state.step` is the number of steps done."""
 
-    def after_backward(self, trainer: Trainer) -> None:
+    def after_backward(self, trainer: TrainerView) -> None:
         """Called after gradients are computed, before the optimizer uses them."""
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         """Called after every optimizer step; `trainer.losses` holds this step's losses."""
 
-    def after_epoch(self, trainer: Trainer) -> None:
+    def after_epoch(self, trainer: TrainerView) -> None:
         """Called when an epoch's data is exhausted."""
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, trainer: TrainerView) -> None:
         """Called once when `fit` ends, whether it succeeded or raised."""
 
-    def on_exception(self, trainer: Trainer, exc: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
         """Called when `fit` is about to raise `exc`, before `after_train`."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -118,7 +111,8 @@ class HookList:
             for point in _POINTS
         }
 
-    def call(self, point: str, trainer: Trainer) -> None:
+    def call(self, point: str, trainer: TrainerView) -> None:
+        """Call `point` on every hook that overrides it, in order."""
         for method in self._bound[point]:
             method(trainer)
 
@@ -183,7 +177,7 @@ class LoggingHook(Hook):
     background thread, and raises `NonFiniteLossError` if a loss went NaN or Inf.
     """
 
-    priority = 90
+    priority = Priority.LOGGING
 
     def __init__(self) -> None:
         self._tags: dict[str, str] = {}
@@ -192,7 +186,7 @@ class LoggingHook(Hook):
         self._window_steps = 0
         self._window_micro = 0  # micro-batches: loss means are over these
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         self._window_start = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,7 +202,7 @@ class LoggingHook(Hook):
         # counts in loss/total and in the non-finite check of the window.
         self._tags = {key: f"loss/{key}" for key in state["loss_keys"]}
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         sink = trainer.sink
         tags = self._tags
         for losses in trainer.micro_losses:
@@ -226,21 +220,18 @@ class LoggingHook(Hook):
                     self._samples = None
                     break
                 self._samples += size
-        if sink.writing:
+        if sink.flush_due:
             skipped = trainer.precision.skipped_steps
             if skipped is not None:  # fp16: steps the GradScaler skipped so far
                 sink.put_scalar("amp/skipped_steps", skipped)
             self.flush(trainer)
 
-    def after_train(self, trainer: Trainer) -> None:
-        pending = bool(self._window_steps) or trainer.sink.pending
+    def after_train(self, trainer: TrainerView) -> None:
         # Under torchrun a flush is collective: all ranks flush, or none.
-        if trainer.dist.enabled and trainer.dist.collectives_ok:
-            pending = trainer.dist.any(pending)
-        if pending:
+        if trainer.dist.any(bool(self._window_steps) or trainer.sink.pending):
             self.flush(trainer)
 
-    def flush(self, trainer: Trainer) -> None:
+    def flush(self, trainer: TrainerView) -> None:
         sink = trainer.sink
         elapsed = time.perf_counter() - self._window_start
         if elapsed > 0 and self._window_steps:
@@ -268,9 +259,7 @@ class LoggingHook(Hook):
         self._window_start = time.perf_counter()
         self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None
-        trainer.last_summary = record
-        if trainer.writers is not None:
-            trainer.writers.write(record)
+        trainer.publish(record)
         _raise_if_nonfinite(record, self._tags)
 
 
@@ -299,28 +288,28 @@ class EvaluationHook(Hook):
     same step (an evaluation step is always a summary step).
     """
 
-    priority = 80
+    priority = Priority.EVALUATION
 
     def __init__(self, every: int | None) -> None:
         self.every = every
         self.last_step: int | None = None
         self._final_step: int | None = None
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         # Evaluating in the last step itself (when it is known) puts the results in that
         # step's flush rather than in a second record at the same step.
         self._final_step = trainer.total_steps
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         step = trainer.state.step
         if (self.every is not None and step % self.every == 0) or step == self._final_step:
             self._evaluate(trainer)
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, trainer: TrainerView) -> None:
         if trainer.exception is None and self.last_step != trainer.state.step:
             self._evaluate(trainer)
 
-    def _evaluate(self, trainer: Trainer) -> None:
+    def _evaluate(self, trainer: TrainerView) -> None:
         trainer.evaluate()
         self.last_step = trainer.state.step
 
@@ -343,7 +332,7 @@ class _Monitor:
         self.best: float | None = None
         self.seen: dict[str, float] | None = None
 
-    def new_result(self, trainer: Trainer) -> float | None:
+    def new_result(self, trainer: TrainerView) -> float | None:
         """The monitored value if an evaluation happened since the last call."""
         results = trainer.last_eval
         if results is None or results is self.seen:
@@ -375,7 +364,7 @@ class EarlyStopping(Hook):
         min_delta: The smallest change that counts as an improvement.
     """
 
-    priority = 85  # after evaluation (80), before the flush (90)
+    priority = Priority.EARLY_STOPPING
 
     def __init__(self, monitor: str, mode: str = "min", patience: int = 3,
                  min_delta: float = 0.0) -> None:
@@ -385,7 +374,7 @@ class EarlyStopping(Hook):
         self.patience = patience
         self.bad_evaluations = 0
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         value = self.tracker.new_result(trainer)
         if value is None:
             return
@@ -421,7 +410,7 @@ class BestCheckpoint(Hook):
         filename: Name of the file in the checkpoint directory.
     """
 
-    priority = 86
+    priority = Priority.BEST_CHECKPOINT
 
     def __init__(self, monitor: str, mode: str = "min", min_delta: float = 0.0,
                  filename: str = "best.pt") -> None:
@@ -429,7 +418,7 @@ class BestCheckpoint(Hook):
         self.filename = filename
         self.best_step: int | None = None
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         value = self.tracker.new_result(trainer)
         if value is None or not self.tracker.improves(value):
             return
@@ -450,9 +439,9 @@ class CheckpointHook(Hook):
     """Saves checkpoints every `every` steps and when training ends without an error.
 
     "Ends" includes a stop requested by a hook or by SIGTERM/SIGINT (preemption). Runs
-    after the logging hook, so the summary window is flushed first, and makes the
-    writers put everything flushed so far on disk before saving: a resumed run then
-    drops exactly the log entries written after its checkpoint.
+    after the logging hook, so the summary window is flushed first; `save_checkpoint`
+    puts everything flushed so far on disk before saving, so a resumed run drops
+    exactly the log entries written after its checkpoint.
 
     Args:
         every: Steps between checkpoints; None saves only when training ends.
@@ -460,7 +449,7 @@ class CheckpointHook(Hook):
             is complete.
     """
 
-    priority = 92
+    priority = Priority.CHECKPOINT
 
     def __init__(self, every: int | None, keep_last: int) -> None:
         self.every = every
@@ -469,22 +458,20 @@ class CheckpointHook(Hook):
         if every is None:
             self.after_step = None  # type: ignore[method-assign,assignment]  # nothing per step
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         self.last_saved = trainer.state.step if trainer.resumed_from else None
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         if trainer.state.step % self.every == 0:  # type: ignore[operator]
             self.save(trainer)
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, trainer: TrainerView) -> None:
         if trainer.exception is None and self.last_saved != trainer.state.step:
             self.save(trainer)
 
-    def save(self, trainer: Trainer) -> str:
+    def save(self, trainer: TrainerView) -> str:
         """Write a checkpoint of the current step; return its path."""
         _refuse_nonfinite_weights(trainer)
-        if trainer.writers is not None:
-            trainer.writers.flush()
         path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
         trainer.save_checkpoint(path)  # under torchrun: every rank, rank 0 writes
         if trainer.dist.is_main:
@@ -494,7 +481,7 @@ class CheckpointHook(Hook):
         return path
 
 
-def _refuse_nonfinite_weights(trainer: Trainer) -> None:
+def _refuse_nonfinite_weights(trainer: TrainerView) -> None:
     """Never let NaN weights replace good checkpoints (one sync, per checkpoint only)."""
     named = [(name, p) for name, p in trainer.model.named_parameters() if p.is_floating_point()]
     if not named:
@@ -525,7 +512,7 @@ class ProgressHook(Hook):
         interval: Minimum seconds between two plain lines (the last one always prints).
     """
 
-    priority = 95
+    priority = Priority.PROGRESS
 
     def __init__(self, interval: float = 5.0) -> None:
         self.interval = interval
@@ -534,7 +521,7 @@ class ProgressHook(Hook):
         self._last_line = 0.0
         self._start = 0.0
 
-    def before_train(self, trainer: Trainer) -> None:
+    def before_train(self, trainer: TrainerView) -> None:
         self._start = self._last_line = time.perf_counter()
         self._seen = None
         if stdout_is_terminal():
@@ -543,7 +530,7 @@ class ProgressHook(Hook):
             self._bar = tqdm(total=trainer.total_steps, initial=trainer.state.step,
                              unit="step", dynamic_ncols=True, file=sys.stdout)
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, trainer: TrainerView) -> None:
         if self._bar is not None:
             self._bar.update(1)
         record = trainer.last_summary
@@ -551,7 +538,7 @@ class ProgressHook(Hook):
             self._seen = record
             self._show(trainer, record, final=False)
 
-    def after_train(self, trainer: Trainer) -> None:
+    def after_train(self, trainer: TrainerView) -> None:
         record = trainer.last_summary
         if record is not None:
             self._show(trainer, record, final=True)
@@ -559,7 +546,7 @@ class ProgressHook(Hook):
             self._bar.close()
             self._bar = None
 
-    def _show(self, trainer: Trainer, record: SummaryRecord, final: bool) -> None:
+    def _show(self, trainer: TrainerView, record: SummaryRecord, final: bool) -> None:
         losses = {key: record.scalars[f"loss/{key}"] for key in (*trainer.losses, "total")
                   if f"loss/{key}" in record.scalars}
         if self._bar is not None:
@@ -583,3 +570,30 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def format_scalars(scalars: dict[str, float], limit: int = 6) -> str:
+    """A compact ``tag=value`` string for the console."""
+    parts = [f"{tag}={value:.4g}" for tag, value in list(scalars.items())[:limit]]
+    return "  ".join(parts)
+
+
+def stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def builtin_hooks(*, evaluate: bool, eval_every: int | None, checkpoint_every: int | None,
+                  keep_last: int, progress: bool) -> list[Hook]:
+    """The hooks every Trainer has, as its options ask: logging always; evaluation with
+    `eval_data`; checkpointing unless ``keep_last=0``; the progress display (rank 0)."""
+    hooks: list[Hook] = [LoggingHook()]
+    if evaluate:
+        hooks.append(EvaluationHook(eval_every))
+    if keep_last:
+        hooks.append(CheckpointHook(checkpoint_every, keep_last))
+    if progress:
+        hooks.append(ProgressHook())
+    return hooks

@@ -8,13 +8,13 @@ conveniences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import move_to_device
+from .data import Selector, move_to_device, select
 from .errors import ModelOutputError
 from .summary import summaries_off
 
@@ -75,9 +75,6 @@ class Model(nn.Module):
             self.train(was_training)
 
 
-Selector = Hashable | Callable[[Any], Any] | tuple[Any, ...]
-
-
 class WithLoss(Model):
     """Adapter: a predictions-only network plus a separate loss function, as a `Model`.
 
@@ -118,36 +115,12 @@ class WithLoss(Model):
         self.name = name
 
     def forward(self, batch: Any) -> Any:
-        inputs = _select(batch, self.inputs, 0, "inputs")
+        inputs = select(batch, self.inputs, 0, "inputs")
         predictions = self.net(*inputs) if isinstance(self.inputs, tuple) else self.net(inputs)
         if not self.training:
             return predictions
-        loss = self.loss_fn(predictions, _select(batch, self.targets, 1, "targets"))
+        loss = self.loss_fn(predictions, select(batch, self.targets, 1, "targets"))
         return loss if isinstance(loss, dict) else {self.name: loss}
-
-
-def _select(batch: Any, selector: Any, default_index: int, role: str) -> Any:
-    if selector is None:
-        if isinstance(batch, (tuple, list)) and len(batch) > default_index:
-            return batch[default_index]
-        if isinstance(batch, torch.Tensor) and role == "inputs":
-            return batch
-        raise ModelOutputError(
-            f"WithLoss could not find the {role} in a batch of type {type(batch).__name__}: "
-            f"the default expects (inputs, targets) tuples. Pass {role}=<key, index or "
-            "callable> to say where they are"
-        )
-    if isinstance(selector, tuple):
-        return tuple(_select(batch, part, default_index, role) for part in selector)
-    if callable(selector):
-        return selector(batch)
-    try:
-        return batch[selector]
-    except (KeyError, IndexError, TypeError) as exc:
-        raise ModelOutputError(
-            f"WithLoss: {role}={selector!r} not found in a batch of type "
-            f"{type(batch).__name__} ({exc!r})"
-        ) from exc
 
 
 def check_losses(output: Any, step: int, where: str = "model") -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def is_summary_step() -> bool:
     (histograms, images) between flushes. False outside a training run.
     """
     sink = _SINK.get()
-    return sink is not None and sink.writing
+    return sink is not None and sink._flush_due  # noqa: SLF001 - this module's own sink
 
 
 @contextmanager
@@ -217,8 +217,11 @@ class _ScalarWindow:
 class SummarySink:
     """Collects summaries between flushes. One sink per training run.
 
-    The trainer (the only owner) calls `begin_step` before each step, `flush` when a
-    window ends, and `activate` around the run so `write_summary` can find the sink.
+    Who calls what: `Trainer.fit` activates the sink around the run (so `write_summary`
+    finds it) and calls `begin_step` before every step, which is the one place that
+    decides whether the step is flushed; `Trainer.evaluate` may add to that decision
+    with `request_flush`; the logging hook reads `flush_due` after the step and calls
+    `flush`, which ends the window.
 
     Args:
         reducer: Combines the window's scalar sums with those of the other processes at
@@ -228,7 +231,7 @@ class SummarySink:
 
     def __init__(self, reducer: Reducer | None = None) -> None:
         self.step = 0
-        self.writing = False
+        self._flush_due = False
         self.reducer = reducer
         self._scalars: dict[str, _ScalarWindow] = {}
         self._others: dict[str, tuple[str, str, Any, int]] = {}
@@ -248,10 +251,21 @@ class SummarySink:
         """Whether anything was written since the last flush."""
         return bool(self._scalars or self._others)
 
-    def begin_step(self, step: int, writing: bool) -> None:
-        """Tag what follows with `step`; `writing` says whether this step is flushed."""
+    def begin_step(self, step: int, flush: bool) -> None:
+        """Tag what follows with `step`; `flush` says whether this step ends the window
+        (histograms, images and text are kept only on such steps)."""
         self.step = step
-        self.writing = writing
+        self._flush_due = flush
+
+    def request_flush(self) -> None:
+        """Make the current step end its window, whatever `begin_step` decided (an
+        evaluation's results go out with the step they were computed at)."""
+        self._flush_due = True
+
+    @property
+    def flush_due(self) -> bool:
+        """Whether the current step ends the window: read after the step to flush."""
+        return self._flush_due
 
     def put_scalar(self, tag: str, value: torch.Tensor) -> None:
         """Fast path for a one-element tensor the caller has already validated.
@@ -314,7 +328,7 @@ class SummarySink:
                     f"tensor, got {type(value).__name__}"
                 )
             return
-        if not self.writing:
+        if not self._flush_due:
             return  # non-scalars are only kept on summary steps
         if kind == "text":
             self._others[tag] = ("text", tag, str(value), self.step)

@@ -1,4 +1,4 @@
-"""Writers: where flushed summaries go (TensorBoard, JSON lines, console), off the step path.
+"""Writers: where flushed summaries go (TensorBoard, JSON lines, yours), off the step path.
 
 A writer receives `SummaryRecord`s, which hold plain floats and CPU tensors, so writing
 never touches the device. File writers run on one background thread (`BackgroundWriter`)
@@ -9,14 +9,15 @@ close.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import queue
-import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .summary import SummaryRecord
@@ -26,6 +27,10 @@ __all__ = [
     "JSONLinesWriter",
     "TensorBoardWriter",
     "Writer",
+    "WriterFactory",
+    "check_writers",
+    "open_writer",
+    "open_writers",
 ]
 
 
@@ -42,6 +47,94 @@ class Writer(Protocol):
     def close(self) -> None:
         """Write out anything buffered and release files; called once, at the end."""
         ...
+
+
+# Builds a writer when the trainer opens its writers: called with the run directory and
+# the step training continues from (as for `Trainer.make_writers`).
+WriterFactory = Callable[[str, "int | None"], Writer]
+
+
+def check_writers(writers: Sequence[Any]) -> list[Writer | WriterFactory]:
+    """The `writers=` option, checked: each a writer (it has ``write``) or a factory."""
+    if isinstance(writers, (str, bytes)) or not isinstance(writers, Sequence):
+        raise TypeError(f"writers must be a list of writers or writer factories, got "
+                        f"{type(writers).__name__}")
+    for i, writer in enumerate(writers):
+        if not (_is_writer(writer) or callable(writer)):
+            raise TypeError(
+                f"writers[{i}] is a {type(writer).__name__}: pass an object with write(record) "
+                "and close() (and optionally flush()), or a factory called as "
+                "factory(log_dir, start_step) that returns one"
+            )
+        if _is_writer(writer) and not callable(getattr(writer, "close", None)):
+            raise TypeError(f"writers[{i}] ({type(writer).__name__}) has write() but no close()")
+    return list(writers)
+
+
+def open_writers(log_dir: str, start_step: int | None,
+                 extra: Sequence[Writer | WriterFactory] = ()) -> list[Writer]:
+    """The default writers of a run directory (TensorBoard and ``metrics.jsonl``), then
+    `extra` (see `open_writer`). If one fails to open, those already open are closed.
+
+    Args:
+        log_dir: The run directory (created if missing).
+        start_step: The step training continues from; what was logged after it is
+            dropped. None appends and drops nothing.
+        extra: The `writers=` option of the Trainer.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    opened: list[Writer] = []
+    try:
+        opened.append(TensorBoardWriter(
+            log_dir, purge_step=None if start_step is None else start_step + 1))
+        opened.append(JSONLinesWriter(os.path.join(log_dir, "metrics.jsonl"),
+                                      keep_until=start_step))
+        opened.extend(open_writer(spec, log_dir, start_step) for spec in extra)
+    except BaseException:
+        for writer in opened:  # release the files of those already open
+            with contextlib.suppress(Exception):
+                writer.close()
+        raise
+    return opened
+
+
+def open_writer(spec: Writer | WriterFactory, log_dir: str, start_step: int | None) -> Writer:
+    """The writer `spec` stands for while the trainer's writers are open.
+
+    A factory is called and its writer closed with the others. A writer passed as an
+    object was opened by its owner, who closes it: the trainer only flushes it, so it
+    keeps receiving records over several `fit` and `evaluate` calls.
+    """
+    if _is_writer(spec):
+        return _Borrowed(spec)  # type: ignore[arg-type]
+    writer = spec(log_dir, start_step)  # type: ignore[operator]
+    if not _is_writer(writer):
+        raise TypeError(f"the writer factory {spec!r} returned {type(writer).__name__}, "
+                        "which has no write(record)")
+    return writer
+
+
+def _is_writer(obj: Any) -> bool:
+    # A class is a factory even though it has a `write` function.
+    return not isinstance(obj, type) and callable(getattr(obj, "write", None))
+
+
+class _Borrowed:
+    """A writer the trainer uses but does not own: `close` only flushes it."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    def write(self, record: SummaryRecord) -> None:
+        self.writer.write(record)
+
+    def flush(self) -> None:
+        flush = getattr(self.writer, "flush", None)
+        if flush is not None:
+            flush()
+
+    def close(self) -> None:
+        self.flush()
 
 
 class TensorBoardWriter:
@@ -236,16 +329,3 @@ class BackgroundWriter:
         self._raise_pending()
         if errors:
             raise errors[0]
-
-
-def format_scalars(scalars: dict[str, float], limit: int = 6) -> str:
-    """A compact ``tag=value`` string for the console."""
-    parts = [f"{tag}={value:.4g}" for tag, value in list(scalars.items())[:limit]]
-    return "  ".join(parts)
-
-
-def stdout_is_terminal() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False

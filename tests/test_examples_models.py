@@ -157,7 +157,7 @@ def test_detector_sampling_draws_from_the_rng(detector, scenes):
 def test_detector_eval_mode_returns_boxes_and_computes_no_loss(detector, scenes):
     model = detector.Detector().eval()
     sink = SummarySink()
-    sink.begin_step(1, writing=True)
+    sink.begin_step(1, flush=True)
     with torch.no_grad(), sink.activate():
         # No targets in the batch: inference needs images only.
         detections = model({"images": scenes["images"]})

@@ -58,7 +58,7 @@ def test_scalars_are_averaged_over_the_window_and_reset():
     sink = SummarySink()
     with sink.activate():
         for step in range(1, 5):
-            sink.begin_step(step, writing=step == 4)
+            sink.begin_step(step, flush=step == 4)
             write_summary("t", torch.tensor(float(step)))
             write_summary("p", step)  # Python numbers are accumulated on the host
             write_summary("mixed", torch.tensor(10.0) if step % 2 else 20)
@@ -74,7 +74,7 @@ def test_many_values_fold_into_bounded_memory_and_keep_first_nonfinite_step():
     n = 3 * _FOLD_AT + 7
     with sink.activate():
         for step in range(1, n + 1):
-            sink.begin_step(step, writing=False)
+            sink.begin_step(step, flush=False)
             value = float("nan") if step in (_FOLD_AT + 3, 2 * _FOLD_AT + 1) else 1.0
             write_summary("x", torch.tensor(value))
             write_summary("ok", torch.tensor(step, dtype=torch.int64))  # ints are averaged too
@@ -88,7 +88,7 @@ def test_many_values_fold_into_bounded_memory_and_keep_first_nonfinite_step():
 def test_python_number_nonfinite_is_reported():
     sink = SummarySink()
     with sink.activate():
-        sink.begin_step(7, writing=True)
+        sink.begin_step(7, flush=True)
         write_summary("p", float("inf"))
     assert sink.flush().nonfinite == {"p": 7}
 
@@ -98,7 +98,7 @@ def test_first_nonfinite_step_is_the_earliest_of_numbers_and_tensors():
     with sink.activate():
         for step, value in ((1, 1.0), (2, torch.tensor(float("inf"))), (3, float("nan")),
                             (4, torch.tensor(float("nan"))), (5, torch.tensor(2.0))):
-            sink.begin_step(step, writing=False)
+            sink.begin_step(step, flush=False)
             write_summary("mixed", value)
             write_summary("fine", torch.tensor(float(step)))
     record = sink.flush()
@@ -108,7 +108,7 @@ def test_first_nonfinite_step_is_the_earliest_of_numbers_and_tensors():
 def test_kind_inference_and_explicit_kinds():
     sink = SummarySink()
     with sink.activate():
-        sink.begin_step(1, writing=True)
+        sink.begin_step(1, flush=True)
         write_summary("scalar_tensor", torch.tensor([2.0]))
         write_summary("bool", True)
         write_summary("hist", torch.randn(10, 5))
@@ -137,11 +137,11 @@ def test_kind_inference_and_explicit_kinds():
 def test_costly_kinds_are_only_kept_on_summary_steps():
     sink = SummarySink()
     with sink.activate():
-        sink.begin_step(1, writing=False)
+        sink.begin_step(1, flush=False)
         write_summary("h", torch.randn(5))
         write_summary("t", "text")
         assert not is_summary_step()
-        sink.begin_step(2, writing=True)
+        sink.begin_step(2, flush=True)
         assert is_summary_step()
         write_summary("h", torch.ones(5))
     record = sink.flush()
@@ -152,7 +152,7 @@ def test_stored_values_do_not_follow_later_in_place_changes():
     sink = SummarySink()
     weights = torch.zeros(4)
     with sink.activate():
-        sink.begin_step(1, writing=True)
+        sink.begin_step(1, flush=True)
         write_summary("w", weights)
         weights += 5
     (_, _, stored, _), = sink.flush().others
@@ -174,7 +174,7 @@ def test_stored_values_do_not_follow_later_in_place_changes():
 def test_bad_summaries_name_the_tag(value, kind, error, message):
     sink = SummarySink()
     with sink.activate(), summary_scope("s"):
-        sink.begin_step(1, writing=True)
+        sink.begin_step(1, flush=True)
         if kind == "image" and value.ndim == 2:
             write_summary("img", value, kind=kind)  # 2-d is a valid grayscale image
             return
@@ -244,7 +244,7 @@ def test_parameters_and_updated_buffers_are_logged_by_value():
     counter += 1  # now at version 1: treated as state that changes in place
     with sink.activate():
         for step in range(1, 4):
-            sink.begin_step(step, writing=False)
+            sink.begin_step(step, flush=False)
             write_summary("scale", scale)
             write_summary("counter", counter)
             with torch.no_grad():
@@ -257,7 +257,7 @@ def test_stored_scalars_hold_no_graph_and_inference_tensors_are_accepted():
     sink = SummarySink()
     weight = torch.nn.Parameter(torch.tensor(3.0))
     with sink.activate():
-        sink.begin_step(1, writing=False)
+        sink.begin_step(1, flush=False)
         write_summary("grad_path", weight * 2)  # requires grad, not a leaf
         with torch.inference_mode():
             write_summary("inference", torch.tensor(5.0) + 1)  # no version counter

@@ -1,0 +1,185 @@
+"""The Trainer's options: checking them before anything is built, building the optimizer
+and the scheduler, and naming a fresh run directory.
+
+Every check raises before the model moves or a file is written, and says which option
+was wrong, what it got and what would work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from .data import is_one_shot
+
+__all__ = ["build_optimizer", "build_scheduler", "check_options", "check_strategy",
+           "epoch_limit", "fresh_run_dir", "planned_steps", "step_limit"]
+
+
+def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log_every: Any,
+                  checkpoint_every: Any, grad_accum_steps: Any, eval_every: Any,
+                  eval_data: Any, clip_grad_norm: Any, clip_grad_value: Any, keep_last: Any,
+                  resume: Any, finite_check: Any, compile: Any) -> None:  # noqa: A002
+    """Raise `TypeError`/`ValueError` for the first option that cannot work."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an iterable of batches (a DataLoader, a list, a generator), "
+            f"got {type(data).__name__}"
+        )
+    for name, value in (("max_steps", max_steps), ("max_epochs", max_epochs),
+                        ("checkpoint_every", checkpoint_every), ("eval_every", eval_every)):
+        _check_positive(name, value, allow_none=True)
+    _check_positive("log_every", log_every)
+    _check_positive("grad_accum_steps", grad_accum_steps)
+    if eval_every is not None and eval_data is None:
+        raise ValueError("eval_every is set but there is no eval_data to evaluate on")
+    for name, clip in (("clip_grad_norm", clip_grad_norm),
+                       ("clip_grad_value", clip_grad_value)):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not clip > 0):
+            raise ValueError(f"{name} must be a positive number, got {clip!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
+    if keep_last == 0 and checkpoint_every is not None:
+        raise ValueError("checkpoint_every is set but keep_last=0 keeps no checkpoint")
+    if resume is not False and not isinstance(resume, (str, os.PathLike)):
+        raise ValueError(f"resume must be 'auto', False or a checkpoint path, got {resume!r}")
+    if finite_check not in ("flush", "step"):
+        raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
+    if compile and not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, "
+                        f"got {type(compile).__name__}")
+    if is_one_shot(data) and max_epochs is not None and max_epochs > 1:
+        raise ValueError(
+            f"data is a one-shot iterator ({type(data).__name__}) and can only be read "
+            f"once, but max_epochs={max_epochs}. Pass a re-iterable (a list, a "
+            "DataLoader, or an object whose __iter__ starts a new pass), or use max_steps"
+        )
+
+
+def check_strategy(strategy: str | None, optimizer: Any, precision: str) -> None:
+    """Refuse the options a distributed strategy cannot honour (`strategy` as resolved:
+    None when not distributed)."""
+    if strategy != "fsdp":
+        return
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            "strategy='fsdp' replaces the model's parameters with sharded ones, so an "
+            "optimizer built beforehand would update the old ones; pass a factory "
+            "instead, e.g. optimizer=functools.partial(torch.optim.AdamW, lr=1e-3)"
+        )
+    if precision == "fp16":
+        raise ValueError("precision='fp16' is not supported with strategy='fsdp' "
+                         "(its loss scaling would differ between shards); use 'bf16'")
+
+
+def epoch_limit(max_epochs: int | None, max_steps: int | None, data: Any) -> int | None:
+    """The epochs `fit` may run: no limit at all means one epoch, except for a one-shot
+    iterator, which then runs until it is exhausted (None: no epoch limit)."""
+    if max_epochs is None and max_steps is None and not is_one_shot(data):
+        return 1
+    return max_epochs
+
+
+def step_limit(max_steps: int | None) -> int:
+    """`max_steps` as a number the loop compares with (no limit: the largest int)."""
+    return sys.maxsize if max_steps is None else max_steps
+
+
+def planned_steps(batches: int | None, grad_accum_steps: int, max_epochs: int | None,
+                  max_steps: int | None) -> int | None:
+    """Optimizer steps `fit` will run in all, when known: `batches` per epoch (None if
+    unknown) in groups of `grad_accum_steps`, for `max_epochs`, capped by `max_steps`."""
+    # An epoch's leftover micro-batches make one more, shorter step.
+    per_epoch = -(-batches // grad_accum_steps) if batches else None
+    by_epochs = per_epoch * max_epochs if per_epoch and max_epochs else None
+    if max_steps is not None and by_epochs is not None:
+        return min(max_steps, by_epochs)
+    return max_steps if max_steps is not None else by_epochs
+
+
+def build_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer: AdamW (lr 1e-3) by default, a factory's result, or one given,
+    checked to update this model's parameters only."""
+    if optimizer is None:
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        if not callable(optimizer):
+            raise TypeError(
+                "optimizer must be a torch.optim.Optimizer or a factory taking the model's "
+                f"parameters, got {type(optimizer).__name__}"
+            )
+        built = optimizer(model.parameters())
+        if not isinstance(built, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned {type(built).__name__}, not a "
+                "torch.optim.Optimizer"
+            )
+        return built
+    model_params = {id(p) for p in model.parameters()}
+    foreign = sum(id(p) not in model_params
+                  for group in optimizer.param_groups for p in group["params"])
+    if foreign:
+        raise ValueError(
+            f"the optimizer holds {foreign} tensor(s) that are not parameters of "
+            f"{type(model).__name__}; build it from this model's parameters, or pass a "
+            "factory such as functools.partial(torch.optim.SGD, lr=0.1)"
+        )
+    return optimizer
+
+
+def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
+    """The LR scheduler, given or built by a factory, checked to step per optimizer step
+    and to schedule the Trainer's optimizer."""
+    if scheduler is None:
+        return None
+    if not isinstance(scheduler, LRScheduler):
+        if not callable(scheduler):
+            raise TypeError(
+                "lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or a factory "
+                f"taking the optimizer, got {type(scheduler).__name__}"
+            )
+        scheduler = scheduler(optimizer)
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(f"the lr_scheduler factory returned {type(scheduler).__name__}, "
+                            "not an LRScheduler")
+    if isinstance(scheduler, ReduceLROnPlateau):
+        raise TypeError(
+            "ReduceLROnPlateau steps on a metric, not once per optimizer step, so it cannot be "
+            "the lr_scheduler; step it from a hook after each evaluation instead: "
+            "scheduler.step(trainer.last_eval['val_loss']) (see docs/faq.md)"
+        )
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("lr_scheduler schedules a different optimizer than the Trainer's; "
+                         "pass a factory (lambda opt: ...) so it is built on the right one")
+    return scheduler
+
+
+def fresh_run_dir(root: str = "runs") -> str:
+    """Create and return ``root/<date>-<time>[-n]``; creating it reserves the name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs(root, exist_ok=True)
+    for suffix in range(10_000):
+        path = os.path.join(root, f"{stamp}-{suffix}" if suffix else stamp)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free run directory name under {root!r} for {stamp}")
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,167 @@
+"""What hooks see: the training state, the view of the trainer they may use, the order
+in which hooks run, and the package logger.
+
+This module imports nothing else of the package at run time, so every other module can
+use it: hooks are typed against `TrainerView`, never against the `Trainer` class, and
+`hooks.py` does not import `trainer.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from .distributed import Distributed
+    from .evaluation import Evaluator
+    from .precision import Precision
+    from .summary import SummaryRecord, SummarySink
+
+__all__ = ["Priority", "TrainState", "TrainerView", "logger"]
+
+logger = logging.getLogger("lossless_trainer")
+
+
+@dataclass
+class TrainState:
+    """Where training stands. Returned by `Trainer.fit`.
+
+    Attributes:
+        step: Optimizer steps completed.
+        epoch: Epochs completed.
+        batch_in_epoch: Batches consumed in the current epoch.
+        stop_reason: Why `fit` ended: ``"max_steps"``, ``"max_epochs"``,
+            ``"data_exhausted"`` (a one-shot iterator ran out), or the reason given to
+            `Trainer.request_stop`. None while running.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    stop_reason: str | None = None
+
+
+class Priority:
+    """The order hooks run in at every point: ascending `Hook.priority`, then as given.
+
+    The built-in hooks depend on this order, and so may yours:
+
+    1. `DEFAULT` (50): your hooks. They run before every built-in hook, so what they
+       write with `write_summary` in `after_step` lands in the flush of the same step.
+    2. `EVALUATION` (80): evaluates. It comes before the hooks that read
+       ``trainer.last_eval`` (early stopping, the best checkpoint) so they see this
+       step's results, and before logging so the ``eval/`` scalars are in this step's
+       flush.
+    3. `EARLY_STOPPING` (85), then `BEST_CHECKPOINT` (86): read ``last_eval``. A stop
+       takes effect after the step, so their relative order does not matter.
+    4. `LOGGING` (90): stores the step's losses and flushes the window to the writers.
+       Everything written during the step must be in by then.
+    5. `CHECKPOINT` (92): saves after the flush, so a checkpoint holds an empty window
+       and the logs on disk end exactly at its step (a resumed run drops what follows).
+    6. `PROGRESS` (95): last, so the bar shows the flush of this very step.
+
+    To read this step's flush (``trainer.last_summary``) in `after_step`, use a priority
+    above `LOGGING`; to read this step's evaluation, one between `EVALUATION` and
+    `LOGGING`.
+    """
+
+    DEFAULT = 50
+    EVALUATION = 80
+    EARLY_STOPPING = 85
+    BEST_CHECKPOINT = 86
+    LOGGING = 90
+    CHECKPOINT = 92
+    PROGRESS = 95
+
+
+class TrainerView(Protocol):
+    """Every member of the `Trainer` a hook may use. The built-in hooks use nothing else.
+
+    Hooks receive the trainer itself (no proxy on the step path), typed as this view:
+    what is listed here is public and stable; anything else is the trainer's own.
+    Values marked "this step" are set before `before_step` and kept until the next one.
+
+    Attributes:
+        state: Counters: `step` (optimizer steps done), `epoch`, `batch_in_epoch`, and
+            `stop_reason` once `fit` ends.
+        model: The model as you passed it, on its device (compiled in place with
+            ``compile=True``; a DDP wrapper is kept apart, so this is your module).
+        optimizer: The optimizer.
+        lr_scheduler: The scheduler, or None.
+        precision: The precision policy: `mode`, and `skipped_steps` (fp16: steps the
+            GradScaler skipped so far, a device tensor).
+        device: The device this process trains on.
+        dist: Where this process runs: `enabled`, `rank`, `world_size`, `local_rank`,
+            `is_main`, `strategy`, and `any(flag)` (whether a flag is true on any rank;
+            a collective, so every rank must call it).
+        data: The training data, as iterated (under torchrun, a DataLoader rebuilt
+            with a `DistributedSampler`).
+        log_dir: The run directory.
+        checkpoint_dir: Where checkpoints go (``<log_dir>/checkpoints``).
+        batch: This step's last micro-batch, as the data yielded it.
+        micro_batches: Every micro-batch of this step.
+        losses: The losses the model returned for `batch`: device tensors, not synced.
+        micro_losses: The losses of every micro-batch of this step.
+        total_loss: The sum of `losses` (a device tensor).
+        last_summary: The latest flushed `SummaryRecord` (scalars as plain floats).
+        last_eval: The latest `evaluate` results, or None.
+        resumed_from: The checkpoint this run resumed from, or None.
+        exception: During `on_exception` and `after_train`, the error `fit` raises.
+        sink: The run's summary sink. Hooks write with `write_summary`; the logging
+            hook also uses `put_scalar`, `flush_due`, `pending` and `flush`.
+    """
+
+    state: TrainState
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler | None
+    precision: Precision
+    device: torch.device
+    dist: Distributed
+    data: Iterable[Any]
+    log_dir: str
+    checkpoint_dir: str
+    batch: Any
+    micro_batches: Sequence[Any]
+    losses: dict[str, torch.Tensor]
+    micro_losses: list[dict[str, torch.Tensor]]
+    total_loss: torch.Tensor | None
+    last_summary: SummaryRecord | None
+    last_eval: dict[str, float] | None
+    resumed_from: str | None
+    exception: BaseException | None
+    sink: SummarySink
+
+    @property
+    def total_steps(self) -> int | None:
+        """Optimizer steps `fit` will run in all, when known."""
+        ...
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a hook or a signal asked training to stop after the current step."""
+        ...
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """End `fit` after the current step (under torchrun: every rank, one step later)."""
+        ...
+
+    def evaluate(self, data: Iterable[Any] | None = None,
+                 evaluators: Sequence[Evaluator] | None = None) -> dict[str, float]:
+        """Evaluate the model (see `Trainer.evaluate`); every rank must call it."""
+        ...
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Write a full checkpoint atomically (see `Trainer.save_checkpoint`)."""
+        ...
+
+    def publish(self, record: SummaryRecord) -> None:
+        """Hand a flushed record to the writers and make it `last_summary`."""
+        ...
