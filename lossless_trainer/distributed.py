@@ -66,8 +66,10 @@ def _env_world_size() -> int:
 class Distributed:
     """This process's place in the run, and the collectives the trainer uses.
 
-    Built by the Trainer with `Distributed.setup`; hooks read `rank`, `world_size` and
-    `is_main` (for work only one process should do, like writing a file).
+    Built by the Trainer with `Distributed.setup`. Hooks may read `enabled`, `rank`,
+    `world_size`, `local_rank`, `is_main` (for work only one process should do, like
+    writing a file) and `strategy`, and call `any` (see `TrainerView`); the rest is the
+    trainer's.
 
     Attributes:
         enabled: Whether more than one process trains.

@@ -170,11 +170,14 @@ class HookList:
 
 
 class LoggingHook(Hook):
-    """Feeds the summary sink and flushes it every `log_every` steps.
+    """Feeds the summary sink and flushes it when the step ends a window.
 
-    Per step it stores the step's losses, detached, in the sink (no device sync). At a
-    flush it adds throughput and learning rates, hands the record to the writers on their
-    background thread, and raises `NonFiniteLossError` if a loss went NaN or Inf.
+    Per step it stores the step's losses, detached, in the sink (no device sync). The
+    sink says whether the step ends the window (`SummarySink.flush_due`: every
+    `log_every` steps, the last step, a step that evaluated). At a flush it adds
+    throughput and learning rates, hands the record to the writers with
+    `trainer.publish` (they write on their background thread), and raises
+    `NonFiniteLossError` if a loss went NaN or Inf.
     """
 
     priority = Priority.LOGGING

@@ -89,7 +89,8 @@ def open_writers(log_dir: str, start_step: int | None,
             log_dir, purge_step=None if start_step is None else start_step + 1))
         opened.append(JSONLinesWriter(os.path.join(log_dir, "metrics.jsonl"),
                                       keep_until=start_step))
-        opened.extend(open_writer(spec, log_dir, start_step) for spec in extra)
+        for spec in extra:
+            opened.append(open_writer(spec, log_dir, start_step))
     except BaseException:
         for writer in opened:  # release the files of those already open
             with contextlib.suppress(Exception):
