@@ -1,4 +1,4 @@
-"""Shared tiny models and data for the test suite."""
+"""Shared models, data, run helpers and fixtures for the test suite."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Model
+from lossless_trainer import Model, Trainer, write_summary
+
+# --------------------------------------------------------------------------- models
 
 
 class TinyClassifier(Model):
@@ -35,10 +39,111 @@ class TinyClassifier(Model):
         return {"ce": F.cross_entropy(logits, y)}
 
 
+class Returns(Model):
+    """Returns `make(self, loss)` from step `from_step` on, a valid {'ce': loss} before.
+
+    `calls` counts the forward calls, so `make` can choose by step.
+    """
+
+    def __init__(self, make, from_step: int = 1) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.make, self.from_step, self.calls = make, from_step, 0
+
+    def forward(self, batch):
+        x, y = batch
+        self.calls += 1
+        loss = F.cross_entropy(self.lin(x), y)
+        return self.make(self, loss) if self.calls >= self.from_step else {"ce": loss}
+
+
+class NaNFrom(Returns):
+    """A valid {'ce': loss} until `step`; from there on also a loss `key` equal to `value`
+    (NaN by default), with a path to the parameters so only its value is wrong."""
+
+    def __init__(self, step: int, key: str = "aux", value: float = float("nan")) -> None:
+        def make(model, loss):
+            return {"ce": loss, key: model.lin.weight.sum() * 0 + value}
+
+        super().__init__(make, from_step=step)
+
+
+class ValLossClassifier(Model):
+    """Eval mode: logits, and a validation loss through write_summary when labels exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.Linear(32, 4))
+        self.inference_flags: list[bool] = []
+
+    def forward(self, batch):
+        x, y = batch
+        logits = self.net(x)
+        if self.training:
+            return {"ce": F.cross_entropy(logits, y)}
+        self.inference_flags.append(torch.is_inference_mode_enabled())
+        write_summary("val_loss", F.cross_entropy(logits, y))
+        return logits
+
+
+def cloned_params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_params(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+
+
+# --------------------------------------------------------------------------- data
+
+
 def make_batches(n: int, batch: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 16, generator=g), torch.randint(0, 4, (batch,), generator=g))
             for _ in range(n)]
+
+
+def shuffled_loader(num_workers: int = 0) -> DataLoader:
+    """60 fixed samples in a shuffled DataLoader: 8 batches, the last one short."""
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(60, 16, generator=g), torch.randint(0, 4, (60,), generator=g))
+    return DataLoader(data, batch_size=8, shuffle=True, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def train(log_dir, max_steps: int | None = 24, num_workers: int = 0, *,
+          model: Callable[[], nn.Module] | None = None, data: Any = None,
+          **options) -> tuple[Trainer, nn.Module]:
+    """Fit a Trainer that writes into `log_dir` and prints nothing; return it and its model.
+
+    By default, the checkpointed run the resume tests compare with: TinyClassifier
+    (dropout 0.3) built after ``torch.manual_seed(0)``, `shuffled_loader(num_workers)`,
+    AdamW at lr 1e-2, seed=1, log_every=4, checkpoint_every=6. `model` (a factory, called
+    after the same seeding) and `data` replace the model and the data; `options` are
+    further Trainer options, and override those defaults.
+    """
+    torch.manual_seed(0)
+    built = model() if model is not None else TinyClassifier(dropout=0.3)
+    defaults = {"checkpoint_every": 6, "log_every": 4, "seed": 1, "progress": False,
+                "optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2)}
+    trainer = Trainer(built, shuffled_loader(num_workers) if data is None else data,
+                      max_steps=max_steps, log_dir=str(log_dir), **{**defaults, **options})
+    trainer.fit()
+    return trainer, built
+
+
+def read_metrics(log_dir: str | os.PathLike[str]) -> list[dict]:
+    """The run's metrics.jsonl, one dict per flush."""
+    with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
@@ -59,10 +164,25 @@ def fresh(tmp_path):
     return lambda: {"log_dir": str(tmp_path / f"run{next(counter)}"), "progress": False}
 
 
-def read_metrics(log_dir: str) -> list[dict]:
-    """The run's metrics.jsonl, one dict per flush."""
-    with open(os.path.join(log_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+@pytest.fixture(scope="session")
+def references(tmp_path_factory):
+    """Uninterrupted runs of `train`, by number of DataLoader workers (which changes RNG
+    use): the model and the metrics it logged."""
+    cache: dict[int, tuple[nn.Module, list[dict]]] = {}
+
+    def get(num_workers: int = 0):
+        if num_workers not in cache:
+            log_dir = tmp_path_factory.mktemp("ref") / "run"
+            _, model = train(log_dir, num_workers=num_workers)
+            cache[num_workers] = (model, read_metrics(str(log_dir)))
+        return cache[num_workers]
+
+    return get
+
+
+@pytest.fixture
+def uninterrupted(references):
+    return references(0)
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""write_summary, summary_scope, is_summary_step and the sink that stores values lazily."""
+"""lossless_trainer.summary: write_summary, summary_scope, is_summary_step, the lazy sink."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyClassifier, make_batches, read_metrics
+from conftest import TinyClassifier, ValLossClassifier, make_batches, read_metrics
 from torch import nn
 
 from lossless_trainer import (
+    Accuracy,
     Hook,
     Model,
     Trainer,
@@ -277,42 +278,50 @@ def test_numpy_scalars_are_scalars():
     assert sink.flush().scalars == {"a": 2.0, "b": 3.0, "c": 4.0}
 
 
-def test_nonfinite_histogram_values_do_not_break_the_writers(quiet):
-    class Spiky(Model):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(16, 4)
-
-        def forward(self, batch):
-            x, y = batch
-            logits = self.lin(x)
-            spiky = logits.detach().clone()
-            spiky[0, 0] = float("inf")
-            write_summary("spiky", spiky)
-            return {"ce": F.cross_entropy(logits, y)}
-
-    Trainer(Spiky(), make_batches(6), log_every=3, **quiet).fit()
-    assert [line["step"] for line in read_metrics(quiet["log_dir"])] == [3, 6]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(quiet["log_dir"], size_guidance={"histograms": 0, "tensors": 0})
-    events.Reload()
-    assert [e.step for e in events.Histograms("spiky")] == [3, 6]
-    assert events.Histograms("spiky")[0].histogram_value.num == 31  # 32 values, 1 dropped
-    assert "spiky/nonfinite/text_summary" in events.Tags()["tensors"]
-
-
 def test_predict_in_a_hook_during_fit_writes_nothing_into_the_training_window(batches, quiet):
-    class LogsInEval(TinyClassifier):
-        def forward(self, batch):
-            if not self.training:
-                write_summary("val_loss", 5.0)
-            return super().forward(batch)
-
     class PredictEveryStep(Hook):
         def after_step(self, trainer):
             trainer.model.predict(batches[0])
 
-    Trainer(LogsInEval(), batches, log_every=3, callbacks=[PredictEveryStep()], **quiet).fit()
+    Trainer(ValLossClassifier(), batches, log_every=3, callbacks=[PredictEveryStep()],
+            **quiet).fit()
     records = read_metrics(quiet["log_dir"])
     assert records and all("val_loss" not in r and "loss/ce" in r for r in records)
+
+
+def test_begin_step_decides_and_request_flush_adds_to_it():
+    sink = SummarySink()
+    with sink.activate():
+        sink.begin_step(1, flush=False)
+        assert not sink.flush_due and not is_summary_step()
+        write_summary("hist", torch.arange(10.0))  # dropped: not a summary step
+        sink.request_flush()
+        assert sink.flush_due and is_summary_step()
+        write_summary("hist", torch.arange(10.0))  # kept from now on
+        sink.begin_step(2, flush=False)
+        assert not sink.flush_due  # a request lasts for its own step only
+    record = sink.flush()
+    assert [(kind, tag, step) for kind, tag, _, step in record.others] == [("histogram",
+                                                                            "hist", 1)]
+
+
+def test_flush_due_is_read_only():
+    with pytest.raises(AttributeError):
+        SummarySink().flush_due = True
+
+
+def test_an_evaluation_in_a_hook_flushes_its_own_step(quiet):
+    """`evaluate` in the middle of a window asks for a flush at that step, so its
+    eval/ scalars are written with the step they belong to."""
+
+    class EvaluateAt3(Hook):
+        def after_step(self, trainer):
+            if trainer.state.step == 3:
+                trainer.evaluate(make_batches(1), [Accuracy()])
+
+    Trainer(TinyClassifier(), make_batches(8), log_every=4, callbacks=[EvaluateAt3()],
+            **quiet).fit()
+    lines = read_metrics(quiet["log_dir"])
+    assert [line["step"] for line in lines] == [3, 4, 8]
+    assert ["eval/accuracy" in line for line in lines] == [True, False, False]
+    assert "loss/ce" in lines[0]  # the window up to step 3 went out with it

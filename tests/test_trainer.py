@@ -1,23 +1,20 @@
-"""The fit loop: equivalence to a hand-written loop, limits, defaults, data, hooks."""
+"""lossless_trainer.trainer: the loop as a whole: a hand-written loop's equal, limits, the step."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
-import os
-from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import TinyClassifier, make_batches, read_metrics
+import torch.nn.functional as F
+from conftest import NaNFrom, TinyClassifier, make_batches, read_metrics
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Hook, Model, Trainer
-from lossless_trainer.data import batch_size, move_to_device
-
-
-def _params(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
+from lossless_trainer import Hook, Model, NonFiniteLossError, Trainer
+from lossless_trainer.checkpoint import checkpoint_path, load_checkpoint
+from lossless_trainer.schedules import WarmupCosine
 
 
 def test_matches_hand_written_loop_exactly(quiet):
@@ -73,254 +70,6 @@ def test_step_and_epoch_limits(quiet, batches, max_steps, max_epochs, steps, epo
     assert (state.step, state.epoch, state.stop_reason) == (steps, epochs, reason)
 
 
-def test_generator_with_several_epochs_is_an_error_before_training(quiet):
-    model = TinyClassifier()
-    before = _params(model)
-    gen = iter(make_batches(4))
-    with pytest.raises(ValueError, match="one-shot iterator.*max_epochs=2"):
-        Trainer(model, gen, max_epochs=2, **quiet)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert len(list(gen)) == 4  # nothing was consumed
-    assert not os.path.exists(quiet["log_dir"])
-
-
-def test_generator_is_consumed_until_exhausted(fresh):
-    def gen():
-        yield from make_batches(7)
-
-    state = Trainer(TinyClassifier(), gen(), **fresh()).fit()
-    assert (state.step, state.stop_reason) == (7, "data_exhausted")
-
-    with pytest.warns(UserWarning, match="exhausted after 7 steps, before max_steps=100"):
-        state = Trainer(TinyClassifier(), gen(), max_steps=100, **fresh()).fit()
-    assert state.step == 7
-
-    state = Trainer(TinyClassifier(), gen(), max_steps=3, **fresh()).fit()
-    assert (state.step, state.stop_reason) == (3, "max_steps")
-
-
-def test_empty_data_is_a_clear_error(quiet):
-    with pytest.raises(ValueError, match="no batches in epoch 0"):
-        Trainer(TinyClassifier(), [], **quiet).fit()
-
-
-def test_defaults_adamw_cpu_and_fresh_run_dir(tmp_path, monkeypatch, batches):
-    monkeypatch.chdir(tmp_path)
-    first = Trainer(TinyClassifier(), batches, progress=False)
-    second = Trainer(TinyClassifier(), batches, progress=False)
-    assert isinstance(first.optimizer, torch.optim.AdamW)
-    assert first.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first.fit()
-    second.fit()
-    assert os.path.dirname(first.log_dir) == "runs" and first.log_dir != second.log_dir
-    for trainer in (first, second):
-        files = os.listdir(trainer.log_dir)
-        assert "metrics.jsonl" in files
-        assert any(f.startswith("events.out.tfevents") for f in files)
-
-
-def test_optimizer_factory_and_validation(quiet, batches):
-    trainer = Trainer(TinyClassifier(), batches,
-                      optimizer=functools.partial(torch.optim.SGD, lr=0.1), **quiet)
-    assert isinstance(trainer.optimizer, torch.optim.SGD)
-    assert trainer.optimizer.param_groups[0]["lr"] == 0.1
-
-    other = TinyClassifier()
-    with pytest.raises(ValueError, match="not parameters of TinyClassifier"):
-        Trainer(TinyClassifier(), batches, optimizer=torch.optim.SGD(other.parameters(), lr=1),
-                **quiet)
-    with pytest.raises(TypeError, match="factory returned list"):
-        Trainer(TinyClassifier(), batches, optimizer=lambda params: list(params), **quiet)
-    with pytest.raises(TypeError, match="optimizer must be"):
-        Trainer(TinyClassifier(), batches, optimizer="adam", **quiet)
-
-
-def test_seed_makes_runs_repeatable(fresh):
-    loader = DataLoader(TensorDataset(torch.randn(32, 16), torch.randint(0, 4, (32,))),
-                        batch_size=8, shuffle=True)
-
-    def run(seed):
-        torch.manual_seed(0)
-        model = TinyClassifier(dropout=0.5)
-        Trainer(model, loader, seed=seed, max_epochs=2, **fresh()).fit()
-        return _params(model)
-
-    a, b, c = run(5), run(5), run(6)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-
-
-class Pair(NamedTuple):
-    x: torch.Tensor
-    meta: str
-
-
-@dataclasses.dataclass
-class Sample:
-    image: torch.Tensor
-    boxes: list
-    name: str = "s"
-
-
-def test_move_to_device_recurses_and_keeps_types():
-    meta = torch.device("meta")
-    batch = {"a": [torch.ones(2), (torch.zeros(1), 3)], "p": Pair(torch.ones(3), "tag"),
-             "s": Sample(torch.ones(1, 2, 2), [torch.ones(4)]), "n": None}
-    moved = move_to_device(batch, meta)
-    assert moved["a"][0].device == meta and moved["a"][1][0].device == meta
-    assert isinstance(moved["a"][1], tuple) and moved["a"][1][1] == 3
-    assert isinstance(moved["p"], Pair) and moved["p"].x.device == meta and moved["p"].meta == "tag"
-    assert isinstance(moved["s"], Sample) and moved["s"].image.device == meta
-    assert moved["s"].boxes[0].device == meta and moved["s"].name == "s"
-    assert moved["n"] is None
-    assert batch["a"][0].device.type == "cpu"  # the input is not modified
-    same = torch.ones(2)
-    assert move_to_device(same, torch.device("cpu")) is same  # no copy when already there
-    assert batch_size(batch) == 2 and batch_size(Sample(torch.ones(5, 1), [])) == 5
-    assert batch_size({"name": "x"}) is None
-
-
-def test_batches_already_on_the_device_are_passed_as_they_are():
-    cpu = torch.device("cpu")
-    pair, listed = (torch.ones(2), torch.zeros(2)), [torch.ones(3), torch.zeros(3)]
-    named = Pair(torch.ones(2), "tag")
-    for batch in (pair, listed, named):
-        assert move_to_device(batch, cpu) is batch
-    moved = move_to_device(named, torch.device("meta"))
-    assert isinstance(moved, Pair) and moved.x.device.type == "meta" and moved.meta == "tag"
-    assert batch_size(pair) == 2 and batch_size(listed) == 3
-    assert batch_size((torch.tensor(1.0), torch.ones(4))) is None  # a 0-d first tensor
-    assert batch_size([{"x": torch.ones(6, 1)}]) == 6 and batch_size(()) is None
-
-
-def test_batch_reaches_the_model_whole(quiet):
-    seen = []
-
-    class DictModel(Model):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 1)
-
-        def forward(self, batch):
-            seen.append((type(batch), sorted(batch), batch["id"]))
-            return {"mse": (self.lin(batch["x"]).squeeze(-1) - batch["y"]).pow(2).mean()}
-
-    data = [{"x": torch.randn(4, 3), "y": torch.randn(4), "id": f"b{i}"} for i in range(3)]
-    Trainer(DictModel(), data, **quiet).fit()
-    assert seen == [(dict, ["id", "x", "y"], f"b{i}") for i in range(3)]
-
-
-class Recorder(Hook):
-    def __init__(self, log, name="rec", priority=50):
-        self.log, self.name, self.priority = log, name, priority
-
-    def before_train(self, trainer):
-        self.log.append((self.name, "before_train"))
-
-    def before_epoch(self, trainer):
-        self.log.append((self.name, "before_epoch", trainer.state.epoch))
-
-    def before_step(self, trainer):
-        self.log.append((self.name, "before_step", trainer.state.step))
-
-    def after_backward(self, trainer):
-        self.log.append((self.name, "after_backward", trainer.state.step))
-
-    def after_step(self, trainer):
-        self.log.append((self.name, "after_step", trainer.state.step))
-
-    def after_epoch(self, trainer):
-        self.log.append((self.name, "after_epoch", trainer.state.epoch))
-
-    def after_train(self, trainer):
-        self.log.append((self.name, "after_train"))
-
-    def on_exception(self, trainer, exc):
-        self.log.append((self.name, "on_exception", type(exc).__name__))
-
-
-def test_hook_points_run_in_order(quiet):
-    log: list = []
-    Trainer(TinyClassifier(), make_batches(2), max_epochs=2, callbacks=[Recorder(log)],
-            **quiet).fit()
-    one_step = [("before_step",), ("after_backward",), ("after_step",)]
-    expected = [("before_train",)]
-    for epoch in range(2):
-        expected.append(("before_epoch", epoch))
-        for i in range(2):
-            done = 2 * epoch + i
-            expected += [(p[0], done + (p[0] == "after_step")) for p in one_step]
-        expected.append(("after_epoch", epoch + 1))
-    expected.append(("after_train",))
-    assert [entry[1:] for entry in log] == expected
-
-
-def test_hooks_run_by_priority_then_order(quiet):
-    log: list = []
-    hooks = [Recorder(log, "late", priority=60), Recorder(log, "a"), Recorder(log, "b"),
-             Recorder(log, "early", priority=10)]
-    Trainer(TinyClassifier(), make_batches(1), callbacks=hooks, **quiet).fit()
-    assert [e[0] for e in log if e[1] == "before_train"] == ["early", "a", "b", "late"]
-
-
-def test_hook_can_request_stop(quiet, batches):
-    class StopAt3(Hook):
-        def after_step(self, trainer):
-            if trainer.state.step == 3:
-                trainer.request_stop("enough")
-
-    state = Trainer(TinyClassifier(), batches, max_epochs=5, callbacks=[StopAt3()], **quiet).fit()
-    assert (state.step, state.stop_reason) == (3, "enough")
-
-
-def test_after_backward_sees_gradients_before_the_update(quiet):
-    seen = []
-
-    class Check(Hook):
-        def after_backward(self, trainer):
-            weight = trainer.model.head.weight
-            seen.append((weight.grad is not None, weight.detach().clone()))
-
-    model = TinyClassifier()
-    start = model.head.weight.detach().clone()
-    Trainer(model, make_batches(1), callbacks=[Check()], **quiet).fit()
-    assert seen[0][0] and torch.equal(seen[0][1], start)
-    assert not torch.equal(model.head.weight, start)
-
-
-def test_failing_teardown_hook_does_not_stop_the_others(quiet, batches):
-    log: list = []
-
-    class Broken(Hook):
-        def after_train(self, trainer):
-            raise RuntimeError("teardown broke")
-
-    with pytest.raises(RuntimeError, match="teardown broke"):
-        Trainer(TinyClassifier(), batches, callbacks=[Broken(), Recorder(log)], **quiet).fit()
-    assert log[-1] == ("rec", "after_train")
-    # the logging hook's teardown ran too: the last window was flushed and written
-    assert read_metrics(quiet["log_dir"])[-1]["step"] == 6
-
-
-def test_exception_reaches_on_exception_then_after_train(quiet, batches):
-    log: list = []
-
-    class Exploding(TinyClassifier):
-        def forward(self, batch):
-            if len(log) > 8:
-                raise KeyError("boom")
-            return super().forward(batch)
-
-    with pytest.raises(KeyError, match="boom"):
-        Trainer(Exploding(), batches, callbacks=[Recorder(log)], **quiet).fit()
-    assert log[-2:] == [("rec", "on_exception", "KeyError"), ("rec", "after_train")]
-
-
-def test_callbacks_must_be_hooks(quiet, batches):
-    with pytest.raises(TypeError, match="callbacks must be Hook instances; got function"):
-        Trainer(TinyClassifier(), batches, callbacks=[lambda t: None], **quiet)
-
-
 def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
     """Only the flush converts tensors to numbers: one tolist() per flush, nothing per step."""
     calls = {"item": 0, "bool": 0, "float": 0, "tolist": 0}
@@ -346,39 +95,145 @@ def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
     assert calls["bool"] == 30  # strict mode: exactly one check per step
 
 
-def test_loss_total_is_the_window_mean_of_step_totals_with_optional_losses(quiet):
-    """loss/total is derived at flush from per-key sums; an optional key must not skew it."""
-    totals: list[float] = []
+def test_strict_mode_stops_before_the_optimizer_steps(quiet):
+    model = NaNFrom(3)
+    snapshots = []
 
-    class Optional(TinyClassifier):
-        calls = 0
+    class Keep(Hook):
+        def after_step(self, trainer):
+            snapshots.append([p.detach().clone() for p in trainer.model.parameters()])
+
+    with pytest.raises(NonFiniteLossError, match=r"at step 3: 'aux'.*did not step") as info:
+        Trainer(model, make_batches(6), finite_check="step", callbacks=[Keep()], **quiet).fit()
+    assert info.value.first_steps == {"aux": 3}
+    assert len(snapshots) == 2
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[-1], model.parameters()))
+
+
+# --------------------------------------------------------------------------- accumulation,
+# clipping, schedules
+
+
+class Regressor(Model):
+    """Mean squared error, so accumulated micro-batches equal one large batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, batch):
+        x, y = batch
+        return {"mse": F.mse_loss(self.net(x).squeeze(-1), y)}
+
+
+def regression_data(n_batches: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n_batches * batch, 8, generator=g)
+    y = x.sum(-1)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+def test_accumulating_4_batches_of_8_equals_batches_of_32(fresh):
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    torch.manual_seed(0)
+    small = Regressor()
+    large = Regressor()
+    large.load_state_dict(small.state_dict())
+    Trainer(small, regression_data(24, 8), optimizer=sgd, grad_accum_steps=4,
+            **fresh()).fit()
+    state = Trainer(large, regression_data(6, 32), optimizer=sgd, **fresh()).fit()
+    assert state.step == 6
+    for a, b in zip(small.parameters(), large.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_counts_optimizer_steps_and_logs_micro_batch_means(fresh):
+    seen: list[int] = []
+
+    class Steps(Hook):
+        def after_step(self, trainer):
+            seen.append(len(trainer.micro_batches))
+
+    kwargs = fresh()
+    state = Trainer(Regressor(), regression_data(10, 4), grad_accum_steps=3, log_every=2,
+                    callbacks=[Steps()], **kwargs).fit()
+    # 10 batches: three steps of 3 and the epoch's leftover as a step of 1
+    assert (state.step, state.batch_in_epoch, seen) == (4, 0, [3, 3, 3, 1])
+    assert Trainer(Regressor(), regression_data(10, 4), grad_accum_steps=3, max_epochs=2,
+                   **fresh()).total_steps == 8
+    lines = read_metrics(kwargs["log_dir"])
+    assert [line["step"] for line in lines] == [2, 4]
+    assert lines[0]["perf/samples_per_sec"] > 0
+    assert lines[0]["loss/total"] == pytest.approx(lines[0]["loss/mse"])
+
+
+def test_accumulation_skips_the_sync_of_a_model_the_user_wrapped(fresh):
+    """A model with its own `no_sync` (one wrapped in DDP by hand, say) is asked to skip
+    the gradient sync for every micro-batch but the last of each step."""
+    log: list[str] = []
+
+    class Wrapped(Regressor):
+        @contextlib.contextmanager
+        def no_sync(self):
+            log.append("enter")
+            yield
+            log.append("exit")
 
         def forward(self, batch):
-            losses = super().forward(batch)
-            Optional.calls += 1
-            if Optional.calls % 2:
-                losses["aux"] = self.head.weight.pow(2).mean()
-            return losses
+            log.append("forward")
+            return super().forward(batch)
 
-    class Record(Hook):
-        def after_step(self, trainer):
-            totals.append(trainer.total_loss.item())
-
-    Trainer(Optional(), make_batches(8), log_every=4, callbacks=[Record()], **quiet).fit()
-    lines = read_metrics(quiet["log_dir"])
-    assert [line["step"] for line in lines] == [4, 8]
-    for line, window in zip(lines, (totals[:4], totals[4:])):
-        assert line["loss/total"] == pytest.approx(sum(window) / 4, rel=1e-6)
-        assert "loss/aux" in line
+    Trainer(Wrapped(), regression_data(7, 4), grad_accum_steps=3, **fresh()).fit()
+    one_step = ["enter", "forward", "exit"] * 2 + ["forward"]
+    assert log == one_step * 2 + ["forward"]  # the epoch's leftover: a step of one
 
 
-def test_dataloader_over_an_iterable_dataset_without_length(quiet):
-    from torch.utils.data import IterableDataset
+def test_clipping_by_norm_and_value_and_the_logged_norm(fresh, monkeypatch):
+    """The optimizer sees clipped gradients; the logged norm is the one before clipping."""
+    norms: list[float] = []
+    largest: list[float] = []
+    original = torch.optim.SGD.step
 
-    class Stream(IterableDataset):
-        def __iter__(self):
-            yield from make_batches(5)
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+        largest.append(max(float(g.abs().max()) for g in grads))
+        return original(self, *args, **kwargs)
 
-    state = Trainer(TinyClassifier(), DataLoader(Stream(), batch_size=None), max_steps=12,
-                    **quiet).fit()
-    assert (state.step, state.epoch) == (12, 2)
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    sgd = functools.partial(torch.optim.SGD, lr=1.0)
+    kwargs = fresh()
+    Trainer(TinyClassifier(), make_batches(4), optimizer=sgd, clip_grad_norm=0.01, log_every=4,
+            **kwargs).fit()
+    assert max(norms) <= 0.01 + 1e-6
+    assert read_metrics(kwargs["log_dir"])[-1]["grad_norm"] > 0.01
+
+    kwargs = fresh()
+    Trainer(TinyClassifier(), make_batches(4), optimizer=sgd, clip_grad_value=1e-4,
+            log_every=4, **kwargs).fit()
+    assert max(largest[4:]) <= 1e-4 + 1e-9
+    assert read_metrics(kwargs["log_dir"])[-1]["grad_norm"] > 1e-4
+
+
+def test_lr_schedule_steps_per_optimizer_step_and_is_logged_and_resumed(fresh):
+    kwargs = fresh()
+    trainer = Trainer(TinyClassifier(), make_batches(12), grad_accum_steps=2, log_every=2,
+                      optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+                      lr_scheduler=lambda opt: WarmupCosine(opt, warmup_steps=2, total_steps=6),
+                      checkpoint_every=3, **kwargs)
+    trainer.fit()
+    lines = read_metrics(kwargs["log_dir"])
+    schedule = WarmupCosine(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 2, 6)
+    expected = [schedule.factor(step) for step in (2, 4, 6)]
+    assert [line["lr"] for line in lines] == pytest.approx(expected)
+    state = load_checkpoint(checkpoint_path(kwargs["log_dir"] + "/checkpoints", 6))
+    assert state["lr_scheduler"]["last_epoch"] == 6
+
+    again = Trainer(TinyClassifier(), make_batches(12), grad_accum_steps=2,
+                    optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+                    lr_scheduler=lambda opt: WarmupCosine(opt, 2, 6), max_steps=6,
+                    log_dir=kwargs["log_dir"], progress=False)
+    again.fit()  # resumes from the final checkpoint: nothing to do, schedule restored
+    assert again.lr_scheduler.last_epoch == 6

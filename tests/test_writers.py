@@ -1,9 +1,8 @@
-"""What the Trainer writes, read back by TensorBoard itself.
+"""lossless_trainer.writers: TensorBoard events and metrics.jsonl, read back; writer lifecycle."""
 
-Checks event files with TensorBoard's `EventAccumulator`, the running `tensorboard` server
-through its HTTP data API, and the `metrics.jsonl` file, against values that a counting
-model makes exactly computable. Self-contained: no conftest fixtures are used.
-"""
+# What the Trainer writes is checked with TensorBoard's `EventAccumulator`, the running
+# `tensorboard` server through its HTTP data API, and the `metrics.jsonl` file, against
+# values that a counting model makes exactly computable.
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -24,11 +24,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TinyClassifier, make_batches, read_metrics, train
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
-from lossless_trainer import Model, Trainer, is_summary_step, summary_scope, write_summary
+from lossless_trainer import (
+    Hook,
+    Model,
+    Priority,
+    Trainer,
+    is_summary_step,
+    summary_scope,
+    write_summary,
+)
+from lossless_trainer.writers import JSONLinesWriter, check_writers
 
 LOG_EVERY = 5
 LR = 0.05
@@ -47,6 +57,9 @@ HIST, IMG_CHW, IMG_HWC, IMG_GRAY, TEXT = ("encoder/hist", "encoder/img_chw", "en
                                           "encoder/img_gray", "encoder/note")
 IMAGE_SHAPE = (8, 6)  # height, width of every logged image
 SERVER_TIMEOUT = 60.0
+# The Trainer options of every run here (given to conftest's `train`, over its defaults).
+OPTIONS = {"log_every": LOG_EVERY, "seed": 0, "checkpoint_every": None,
+           "optimizer": functools.partial(torch.optim.SGD, lr=LR)}
 
 
 # --------------------------------------------------------------------------- the model
@@ -145,17 +158,6 @@ def make_data(n_batches: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(n_batches)]
 
 
-def train(log_dir: Path, max_steps: int | None = None, max_epochs: int | None = None,
-          media: str | None = None, n_batches: int = 6,
-          model_cls: type[CountingModel] = CountingModel) -> tuple[Trainer, CountingModel]:
-    model = model_cls(media)
-    trainer = Trainer(model, make_data(n_batches), max_steps=max_steps, max_epochs=max_epochs,
-                      log_every=LOG_EVERY, log_dir=log_dir, progress=False, seed=0,
-                      optimizer=functools.partial(torch.optim.SGD, lr=LR))
-    trainer.fit()
-    return trainer, model
-
-
 def flush_steps(last: int) -> list[int]:
     """Steps flushed by a run of `last` steps: every LOG_EVERY-th, plus a partial window."""
     steps = list(range(LOG_EVERY, last + 1, LOG_EVERY))
@@ -182,12 +184,6 @@ def scalar_series(acc: event_accumulator.EventAccumulator, tag: str
     assert tag in acc.Tags()["scalars"], f"{tag!r} not in {sorted(acc.Tags()['scalars'])}"
     events = acc.Scalars(tag)
     return [e.step for e in events], [e.value for e in events]
-
-
-def read_jsonl(log_dir: Path) -> list[dict]:
-    path = log_dir / "metrics.jsonl"
-    assert path.is_file(), f"{path} was not written"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def decode_png(encoded: bytes) -> Image.Image:
@@ -222,7 +218,8 @@ def get_json(url: str) -> object:
 def run22(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer, CountingModel]:
     """One scalar-only run of 22 steps (4 full windows and a partial one), shared."""
     log_dir = tmp_path_factory.mktemp("run22")
-    trainer, model = train(log_dir, max_steps=22)
+    trainer, model = train(log_dir, max_steps=22, model=CountingModel, data=make_data(),
+                           **OPTIONS)
     return log_dir, trainer, model
 
 
@@ -231,7 +228,8 @@ def run22(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trainer, Coun
 
 @pytest.mark.parametrize("max_steps", [20, 22])
 def test_scalars_from_submodule_reach_tensorboard_at_flush_steps(tmp_path, max_steps):
-    trainer, model = train(tmp_path, max_steps=max_steps)
+    trainer, model = train(tmp_path, max_steps=max_steps, model=CountingModel,
+                           data=make_data(), **OPTIONS)
     assert trainer.state.step == max_steps
     expected_steps = [5, 10, 15, 20] if max_steps == 20 else [5, 10, 15, 20, 22]
     assert flush_steps(max_steps) == expected_steps
@@ -297,13 +295,14 @@ def test_lr_and_throughput_are_logged(run22):
 def test_epoch_bounded_run_flushes_its_last_partial_window(tmp_path):
     # 7 batches, one epoch, log_every=5: no max_steps, so the last window (6, 7) is
     # flushed when training ends rather than by the step-count rule.
-    trainer, _ = train(tmp_path, max_epochs=1, n_batches=7)
+    trainer, _ = train(tmp_path, max_steps=None, max_epochs=1, model=CountingModel,
+                       data=make_data(7), **OPTIONS)
     assert trainer.state.step == 7
     acc = load_events(tmp_path)
     steps, values = scalar_series(acc, COUNTER)
     assert steps == [5, 7]
     assert values == pytest.approx([3.0, 6.5])
-    assert [line["step"] for line in read_jsonl(tmp_path)] == [5, 7]
+    assert [line["step"] for line in read_metrics(tmp_path)] == [5, 7]
 
 
 # --------------------------------------------------------------------------- the server
@@ -367,7 +366,9 @@ def test_tensorboard_server_serves_model_scalar(run22, tmp_path):
 @pytest.fixture(scope="module", params=["guarded", "unguarded"])
 def media_run(request, tmp_path_factory) -> tuple[str, Path, CountingModel]:
     log_dir = tmp_path_factory.mktemp(f"media-{request.param}")
-    _, model = train(log_dir, max_steps=22, media=request.param)
+    _, model = train(log_dir, max_steps=22,
+                     model=functools.partial(CountingModel, request.param),
+                     data=make_data(), **OPTIONS)
     return request.param, log_dir, model
 
 
@@ -425,7 +426,7 @@ def test_text_is_written_at_its_step(media_run):
 
 def test_media_are_not_in_metrics_jsonl(media_run):
     _, log_dir, _ = media_run
-    keys = set().union(*(line.keys() for line in read_jsonl(log_dir)))
+    keys = set().union(*(line.keys() for line in read_metrics(log_dir)))
     assert not keys & {HIST, IMG_CHW, IMG_HWC, IMG_GRAY, TEXT}
     assert COUNTER in keys
 
@@ -433,7 +434,9 @@ def test_media_are_not_in_metrics_jsonl(media_run):
 def test_media_in_epoch_bounded_run_stay_within_flush_steps(tmp_path):
     # Without max_steps the last step of a sized run is still known, so it is a summary step:
     # media written there are kept, at the same steps as the flushed scalars.
-    train(tmp_path, max_epochs=1, n_batches=7, media="unguarded")
+    train(tmp_path, max_steps=None, max_epochs=1,
+          model=functools.partial(CountingModel, "unguarded"), data=make_data(7),
+          **OPTIONS)
     acc = load_events(tmp_path)
     flushed = scalar_series(acc, COUNTER)[0]
     assert flushed == [5, 7]
@@ -447,7 +450,7 @@ def test_media_in_epoch_bounded_run_stay_within_flush_steps(tmp_path):
 
 def test_metrics_jsonl_has_one_line_per_flush_with_the_same_tags(run22):
     log_dir, _, _ = run22
-    lines = read_jsonl(log_dir)
+    lines = read_metrics(log_dir)
     expected = flush_steps(22)
     assert [line["step"] for line in lines] == expected
     acc = load_events(log_dir)
@@ -465,10 +468,203 @@ def test_metrics_jsonl_has_one_line_per_flush_with_the_same_tags(run22):
 
 def test_nonfinite_metric_is_nan_in_tensorboard_and_a_string_in_jsonl(tmp_path):
     # A NaN in a metric (not a loss) does not stop training; its window's mean is NaN.
-    trainer, _ = train(tmp_path, max_steps=10, model_cls=NaNMetricModel)
+    trainer, _ = train(tmp_path, max_steps=10, model=NaNMetricModel, data=make_data(),
+                       **OPTIONS)
     assert trainer.state.step == 10
     steps, values = scalar_series(load_events(tmp_path), "metric/ratio")
     assert steps == [5, 10]
     assert math.isnan(values[0]) and values[1] == 1.0
-    lines = read_jsonl(tmp_path)
+    lines = read_metrics(tmp_path)
     assert [line["metric/ratio"] for line in lines] == ["nan", 1.0]
+
+
+# --------------------------------------------------------------------------- the writers' files
+# and lifecycle
+
+
+def test_jsonl_is_truncated_to_the_resumed_step_and_torn_lines_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 5, "a": 1}\n{"step": 10, "a": 2}\n{"step": 15, "a": 3}\n{"st')
+    JSONLinesWriter(path, keep_until=10).close()
+    assert path.read_text() == '{"step": 5, "a": 1}\n{"step": 10, "a": 2}\n'
+
+
+def test_nonfinite_histogram_values_do_not_break_the_writers(quiet):
+    class Spiky(Model):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, batch):
+            x, y = batch
+            logits = self.lin(x)
+            spiky = logits.detach().clone()
+            spiky[0, 0] = float("inf")
+            write_summary("spiky", spiky)
+            return {"ce": F.cross_entropy(logits, y)}
+
+    Trainer(Spiky(), make_batches(6), log_every=3, **quiet).fit()
+    assert [line["step"] for line in read_metrics(quiet["log_dir"])] == [3, 6]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(quiet["log_dir"], size_guidance={"histograms": 0, "tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Histograms("spiky")] == [3, 6]
+    assert events.Histograms("spiky")[0].histogram_value.num == 31  # 32 values, 1 dropped
+    assert "spiky/nonfinite/text_summary" in events.Tags()["tensors"]
+
+
+def test_writers_are_closed_even_if_teardown_is_interrupted(tmp_path):
+    class Abort(Hook):
+        def after_train(self, trainer):
+            raise KeyboardInterrupt
+
+    trainer = Trainer(TinyClassifier(), make_batches(3), log_dir=str(tmp_path), progress=False,
+                      callbacks=[Abort()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.writers is None
+    assert not any(t.name == "lossless_trainer-writer" and t.is_alive()
+                   for t in __import__("threading").enumerate())
+
+
+class Recording:
+    """A writer object that remembers what it was given and how it was treated."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.scalars: list[dict[str, float]] = []
+        self.flushes = 0
+        self.closed = False
+
+    def write(self, record):
+        assert not self.closed, "written after close"
+        self.steps.append(record.step)
+        self.scalars.append(dict(record.scalars))
+
+    def flush(self):
+        self.flushes += 1
+
+    def close(self):
+        self.closed = True
+
+
+class Opened:
+    """A writer made by a factory: records the arguments it was built with."""
+
+    made: list[Opened] = []
+
+    def __init__(self, log_dir, start_step):
+        self.log_dir, self.start_step = log_dir, start_step
+        self.steps: list[int] = []
+        self.closed = False
+        Opened.made.append(self)
+
+    def write(self, record):
+        self.steps.append(record.step)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_writer_object_gets_every_record_and_stays_open_across_fit_and_evaluate(quiet):
+    writer = Recording()
+    trainer = Trainer(TinyClassifier(), make_batches(6), log_every=2, writers=[writer],
+                      eval_data=make_batches(2), **quiet)
+    trainer.fit()
+    # The same records as metrics.jsonl, in the same order; the evaluation at the end
+    # goes out with the last step's flush.
+    assert writer.steps == [line["step"] for line in read_metrics(quiet["log_dir"])]
+    assert writer.steps == [2, 4, 6]
+    assert writer.scalars[-1]["loss/total"] == pytest.approx(
+        read_metrics(quiet["log_dir"])[-1]["loss/total"], rel=1e-6)
+    assert not writer.closed and writer.flushes >= 1
+    trainer.evaluate()  # outside fit: a record of its own, to the same open writer
+    assert writer.steps == [2, 4, 6, 6] and not writer.closed
+
+
+def test_a_factory_is_called_per_opening_with_the_run_directory_and_closed(quiet):
+    Opened.made.clear()
+    trainer = Trainer(TinyClassifier(), make_batches(4), log_every=2, writers=[Opened],
+                      **quiet)
+    trainer.fit()
+    trainer.evaluate(make_batches(1))
+    first, second = Opened.made
+    assert (first.log_dir, first.start_step) == (quiet["log_dir"], 0)
+    assert first.steps == [2, 4] and first.closed
+    assert (second.start_step, second.steps, second.closed) == (None, [4], True)
+
+
+def test_a_resumed_run_tells_its_factory_where_it_continues(tmp_path):
+    Opened.made.clear()
+    log_dir = str(tmp_path / "run")
+    Trainer(TinyClassifier(), make_batches(4), max_steps=2, log_dir=log_dir,
+            progress=False).fit()
+    Trainer(TinyClassifier(), make_batches(4), max_steps=4, log_dir=log_dir, log_every=1,
+            progress=False, writers=[lambda d, start: Opened(d, start)]).fit()
+    (made,) = Opened.made
+    assert made.start_step == 2 and made.steps == [3, 4]
+
+
+def test_writers_are_written_on_rank_0_only(quiet, monkeypatch):
+    writer = Recording()
+    trainer = Trainer(TinyClassifier(), make_batches(2), writers=[writer], **quiet)
+    monkeypatch.setattr(trainer.dist, "rank", 1)  # as rank 1 sees itself
+    trainer.make_writers(0).close()
+    Opened.made.clear()
+    trainer.extra_writers = [Opened]
+    trainer.make_writers(0).close()
+    assert writer.steps == [] and writer.flushes == 0 and Opened.made == []
+
+
+@pytest.mark.parametrize(("writers", "message"), [
+    (["tb"], r"writers\[0\] is a str"),
+    ([Recording(), 3], r"writers\[1\] is a int"),
+    (Recording(), "writers must be a list"),
+])
+def test_malformed_writers_are_refused_before_anything_is_built(quiet, writers, message):
+    with pytest.raises(TypeError, match=message):
+        Trainer(TinyClassifier(), make_batches(1), writers=writers, **quiet)
+    assert not os.path.exists(quiet["log_dir"])
+
+
+def test_a_writer_without_close_is_refused():
+    class NoClose:
+        def write(self, record):
+            pass
+
+    with pytest.raises(TypeError, match=r"writers\[0\] \(NoClose\) has write\(\) but no close"):
+        check_writers([NoClose()])
+
+
+def test_a_factory_returning_no_writer_fails_fit_and_closes_the_defaults(quiet):
+    trainer = Trainer(TinyClassifier(), make_batches(2), writers=[lambda d, s: None],
+                      **quiet)
+    threads = threading.active_count()
+    with pytest.raises(TypeError, match="returned NoneType, which has no write"):
+        trainer.fit()
+    # The default writers were opened first and closed again: TensorBoard's event
+    # thread is gone, and a later fit works.
+    assert threading.active_count() == threads
+    trainer.extra_writers = []
+    trainer.fit()
+    assert read_metrics(quiet["log_dir"])[-1]["step"] == 2
+
+
+def test_save_checkpoint_puts_what_was_flushed_on_disk_first(quiet):
+    writer = Recording()
+    seen: list[list[int]] = []
+
+    class SaveAt4(Hook):
+        priority = Priority.CHECKPOINT + 1  # after this step's flush
+
+        def after_step(self, trainer):
+            if trainer.state.step == 4:
+                trainer.save_checkpoint(os.path.join(trainer.checkpoint_dir, "mine.pt"))
+                seen.append(list(writer.steps))
+
+    Trainer(TinyClassifier(), make_batches(8), log_every=2, writers=[writer],
+            callbacks=[SaveAt4()], **quiet).fit()
+    # Without the flush in save_checkpoint the records would still sit in the buffer
+    # (handed to the writer thread at most once a second).
+    assert seen == [[2, 4]]

@@ -1,4 +1,4 @@
-"""WithLoss: the separated style (net + loss function) as a special case of the contract."""
+"""lossless_trainer.model: the model contract (check_losses), Model and WithLoss."""
 
 from __future__ import annotations
 
@@ -7,10 +7,73 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batches
+from conftest import Returns, make_batches
 from torch import nn
 
 from lossless_trainer import Model, ModelOutputError, Trainer, WithLoss
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda m, loss: [loss], r"Returns\(batch\) returned list at step 3 in training mode"),
+        (lambda m, loss: (loss, loss), r"returned tuple at step 3"),
+        (lambda m, loss: {}, r"returned an empty dict at step 3"),
+        (lambda m, loss: {"ce": loss.expand(2)}, r"loss 'ce' at step 3 has shape \(2,\)"),
+        (lambda m, loss: {"ce": loss, "n": torch.tensor(3)},
+         r"loss 'n' at step 3 has dtype torch.int64"),
+        (lambda m, loss: {"ce": loss.detach()}, r"loss 'ce' at step 3 does not require grad"),
+        (lambda m, loss: {"ce": loss, "const": torch.tensor(1.0)},
+         r"loss 'const' at step 3 does not require grad"),
+        (lambda m, loss: {"ce": 0.5}, r"loss 'ce' at step 3 is a float, not a tensor"),
+        (lambda m, loss: {1: loss}, r"loss key 1 of type int at step 3"),
+        (lambda m, loss: {"ce": loss * (1 + 0j)},
+         r"loss 'ce' at step 3 has dtype torch.complex64; losses must be floating point"),
+    ],
+)
+def test_bad_training_output_names_problem_key_and_step(quiet, make, message):
+    with pytest.raises(ModelOutputError, match=message):
+        Trainer(Returns(make, from_step=3), make_batches(5), **quiet).fit()
+
+
+def test_bare_scalar_tensor_is_accepted_as_loss(quiet):
+    trainer = Trainer(Returns(lambda m, loss: loss), make_batches(2), **quiet)
+    trainer.fit()
+    assert list(trainer.losses) == ["loss"]
+
+
+class TaggedTensor(torch.Tensor):
+    """A tensor subclass, as some libraries return: the exact-type fast path does not apply."""
+
+
+def test_tensor_subclass_losses_are_accepted(quiet):
+    model = Returns(lambda m, loss: {"ce": loss.as_subclass(TaggedTensor)}, from_step=1)
+    trainer = Trainer(model, make_batches(3), log_every=1, **quiet)
+    trainer.fit()
+    assert trainer.state.step == 3 and isinstance(trainer.losses["ce"], TaggedTensor)
+    assert trainer.last_summary is not None and "loss/ce" in trainer.last_summary.scalars
+
+
+def test_plain_module_without_base_class_works(quiet):
+    """Any nn.Module honouring the contract trains; Model only adds conveniences."""
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, batch):
+            return {"ce": F.cross_entropy(self.lin(batch[0]), batch[1])}
+
+    model = Plain()
+    before = model.lin.weight.detach().clone()
+    Trainer(model, make_batches(3), **quiet).fit()
+    assert not torch.equal(before, model.lin.weight)
+
+
+# --------------------------------------------------------------------------- Model, WithLoss
 
 
 def test_default_selectors_read_inputs_targets_tuples():
