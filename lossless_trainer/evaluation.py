@@ -18,7 +18,7 @@ from .data import Selector, move_to_device, select
 from .precision import Precision
 from .summary import SummarySink
 
-__all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "run_evaluation"]
+__all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "merge_results", "run_evaluation"]
 
 
 @runtime_checkable
@@ -159,18 +159,18 @@ class MeanSquaredError(_Streaming):
 
 
 def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequence[Evaluator],
-                   device: torch.device, precision: Precision) -> dict[str, float]:
+                   device: torch.device, precision: Precision) -> tuple[dict[str, float],
+                                                                        dict[str, float]]:
     """Run `model` in eval mode under `torch.inference_mode()` over `data`.
 
     The model's previous train/eval mode is restored afterwards, even on error.
 
     Returns:
-        The evaluators' results, merged with the mean of every scalar the model wrote
-        with `write_summary` during the evaluation.
+        The evaluators' merged results, and the mean of every scalar the model wrote with
+        `write_summary` during the evaluation (see `merge_results`).
 
     Raises:
-        ValueError: two evaluators report the same key, an evaluator key is also a
-            summary tag, or the data is empty.
+        ValueError: two evaluators report the same key, or the data is empty.
     """
     for evaluator in evaluators:
         if not isinstance(evaluator, Evaluator):
@@ -203,7 +203,15 @@ def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequ
                     f"two evaluators report {key!r}; give one of them a name= prefix"
                 )
             results[key] = float(value)
-    summaries = sink.flush().scalars
+    return results, sink.flush().scalars
+
+
+def merge_results(results: dict[str, float], summaries: dict[str, float]) -> dict[str, float]:
+    """The evaluators' results and the model's eval-mode summaries as one dict.
+
+    Raises:
+        ValueError: a key is both an evaluator's and a summary tag.
+    """
     for key in summaries.keys() & results.keys():
         raise ValueError(f"{key!r} is both an evaluator key and a write_summary tag in "
                          "eval mode; rename one")

@@ -1,7 +1,8 @@
 """The Trainer's options: checking them before anything is built, building the optimizer
 and the scheduler, and naming a fresh run directory.
 
-Every check raises before the model moves or a file is written, and says which option
+`check_options` runs first, before the model moves or a file is written; the builders
+check what can only be checked once the model is placed. Every error says which option
 was wrong, what it got and what would work.
 """
 

@@ -135,7 +135,7 @@ class DataCursor:
             warnings.warn(
                 f"the checkpoint holds {len(saved['generators'])} DataLoader generator "
                 f"state(s) but the data now has {len(generators)}; the data order after "
-                "the resume will differ", stacklevel=3,
+                "the resume will differ", stacklevel=5,  # fit's caller: via batches, _begin
             )
         for generator, state in zip(generators, saved["generators"]):
             generator.set_state(state)

@@ -58,13 +58,16 @@ class Priority:
     2. `EVALUATION` (80): evaluates. It comes before the hooks that read
        ``trainer.last_eval`` (early stopping, the best checkpoint) so they see this
        step's results, and before logging so the ``eval/`` scalars are in this step's
-       flush.
-    3. `EARLY_STOPPING` (85), then `BEST_CHECKPOINT` (86): read ``last_eval``. A stop
-       takes effect after the step, so their relative order does not matter.
+       flush (a step that evaluates is always flushed).
+    3. `EARLY_STOPPING` (85): reads ``last_eval`` and may request a stop, which takes
+       effect after the step.
     4. `LOGGING` (90): stores the step's losses and flushes the window to the writers.
        Everything written during the step must be in by then.
-    5. `CHECKPOINT` (92): saves after the flush, so a checkpoint holds an empty window
-       and the logs on disk end exactly at its step (a resumed run drops what follows).
+    5. `BEST_CHECKPOINT` (91) and `CHECKPOINT` (92): save after the flush. A checkpoint
+       taken at a flushed step holds an empty window, and `save_checkpoint` puts the
+       logs on disk up to its step first; a run resumed from it drops what was logged
+       after, so no step is written twice. (A periodic checkpoint at a step that is not
+       flushed keeps its pending window, which the resumed run continues.)
     6. `PROGRESS` (95): last, so the bar shows the flush of this very step.
 
     To read this step's flush (``trainer.last_summary``) in `after_step`, use a priority
@@ -75,7 +78,7 @@ class Priority:
     DEFAULT = 50
     EVALUATION = 80
     EARLY_STOPPING = 85
-    BEST_CHECKPOINT = 86
+    BEST_CHECKPOINT = 91
     LOGGING = 90
     CHECKPOINT = 92
     PROGRESS = 95
@@ -86,7 +89,10 @@ class TrainerView(Protocol):
 
     Hooks receive the trainer itself (no proxy on the step path), typed as this view:
     what is listed here is public and stable; anything else is the trainer's own.
-    Values marked "this step" are set before `before_step` and kept until the next one.
+    Of the values marked "this step", `batch` and `micro_batches` are set before
+    `before_step`, the losses after the step's backward (from `after_backward` on
+    they are the step's); all are kept until the next step, and `batch` is None once
+    `fit` has ended.
 
     Attributes:
         state: Counters: `step` (optimizer steps done), `epoch`, `batch_in_epoch`, and
@@ -115,7 +121,7 @@ class TrainerView(Protocol):
         resumed_from: The checkpoint this run resumed from, or None.
         exception: During `on_exception` and `after_train`, the error `fit` raises.
         sink: The run's summary sink. Hooks write with `write_summary`; the logging
-            hook also uses `put_scalar`, `flush_due`, `pending` and `flush`.
+            hook also uses `put_scalar`, `put`, `flush_due`, `pending` and `flush`.
     """
 
     state: TrainState

@@ -25,7 +25,7 @@ from .checkpoint import FORMAT_VERSION, save_atomic
 from .data import is_one_shot, length, micro_batch_groups, move_to_device
 from .distributed import Distributed
 from .errors import NonFiniteLossError
-from .evaluation import Evaluator, run_evaluation
+from .evaluation import Evaluator, merge_results, run_evaluation
 from .hooks import Hook, HookList, builtin_hooks
 from .model import check_losses
 from .options import (
@@ -193,8 +193,8 @@ class Trainer:
         # Whether the backward all-reduces gradients, which accumulation can skip.
         self._syncs_gradients = self.dist.enabled or self._wrapped_no_sync is not None
         self.optimizer = build_optimizer(optimizer, self.model)
-        self.lr_scheduler = build_scheduler(lr_scheduler, self.optimizer)
         self.precision = Precision(precision, self.device)
+        self.lr_scheduler = build_scheduler(lr_scheduler, self.optimizer)
         self.grad_accum_steps = grad_accum_steps
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -204,14 +204,14 @@ class Trainer:
         self._model_name = type(model).__name__
 
         # The data, how long to train, and where training stands in it.
-        self.data, self._data_sharded = self.dist.shard(data, seed if seed is not None else 0)
+        data, self._data_sharded = self.dist.shard(data, seed if seed is not None else 0)
         self.max_steps = max_steps
         self.max_epochs = epoch_limit(max_epochs, max_steps, data)
         check_first = None
         if self.dist.enabled and not self._data_sharded:  # the user shards: check it
             def check_first(batch: Any) -> None:
                 self.dist.check_first_batch(batch, self.state.step + 1)
-        self.cursor = DataCursor(self.data, check_first)
+        self.cursor = DataCursor(data, check_first)
         self.state = TrainState()
         self.seed = seed
         self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
@@ -250,6 +250,16 @@ class Trainer:
         self._prepared = False  # whether a fit has seeded and resumed
 
     @property
+    def data(self) -> Iterable[Any]:
+        """The training data, as iterated (under torchrun, a DataLoader rebuilt with a
+        `DistributedSampler`). Assigning new data takes effect at the next epoch."""
+        return self.cursor.data
+
+    @data.setter
+    def data(self, data: Iterable[Any]) -> None:
+        self.cursor.data = data
+
+    @property
     def total_steps(self) -> int | None:
         """Optimizer steps `fit` will run in all, when known (for progress and ETA)."""
         return planned_steps(length(self.data), self.grad_accum_steps, self.max_epochs,
@@ -283,7 +293,7 @@ class Trainer:
         # The last step is a summary step too, so media written there are kept.
         last_step = self.total_steps or self._step_limit
         self.model.train()
-        self.writers = self.make_writers(state.step)
+        self._open_writers()
         with sink.activate(), stop_on_signals(self.handle_signals, self.request_stop):
             try:
                 hooks.call("before_train", self)
@@ -431,6 +441,20 @@ class Trainer:
         if not self.dist.is_main:
             return BackgroundWriter([])
         return BackgroundWriter(open_writers(self.log_dir, start_step, self.extra_writers))
+
+    def _open_writers(self) -> None:
+        """`make_writers` for this fit. Rank 0 alone opens files (and your factories'
+        connections): if it fails, every rank raises, so none waits in a collective."""
+        error: Exception | None = None
+        try:
+            self.writers = self.make_writers(self.state.step)
+        except Exception as exc:
+            error = exc
+        if self.dist.any(error is not None):
+            if error is None:
+                raise RuntimeError("rank 0 could not open the summary writers (its error is "
+                                   "in its log); every rank stops")
+            raise error
 
     def publish(self, record: SummaryRecord) -> None:
         """Hand a flushed record to the writers and make it `last_summary`. The logging
@@ -583,10 +607,11 @@ class Trainer:
         # Evaluation must not change training: its RNG draws (a DataLoader's seed, random
         # augmentation) are undone, so a run with evaluation trains exactly as one without.
         with self.cursor.rng_kept():
-            results = run_evaluation(self.model, data, evaluators, self.device, self.precision)
+            results, summaries = run_evaluation(self.model, data, evaluators, self.device,
+                                                self.precision)
         # Every rank evaluated the same data; rank 0's numbers make every rank decide
         # alike (early stopping, best checkpoint) even if results differ in the last bit.
-        self.last_eval = results = self.dist.broadcast(results)
+        self.last_eval = results = merge_results(*self.dist.broadcast((results, summaries)))
         scalars = {f"eval/{key}": value for key, value in results.items()}
         if self.writers is not None:  # within fit: into this step's flush
             for tag, value in scalars.items():
@@ -661,8 +686,8 @@ class Trainer:
         Within `fit`, everything flushed so far is put on disk first, so the logs reach
         exactly the checkpoint's step: a run resumed from it drops what was logged after.
         """
-        if self.writers is not None:
-            self.writers.flush()
+        if self.writers is not None:  # rank 0's; a background error is raised on every rank
+            self.dist.on_main(self.writers.flush)
         state = self.state_dict()
         # Rank 0 writes; the others wait for its result, and raise its error if it fails.
         self.dist.on_main(lambda: save_atomic(state, os.fspath(path)))

@@ -8,7 +8,8 @@ Modes:
                  summaries with every `reduce=` mode and a key only rank 1 writes.
     optional     A head used on even steps only: DDP's error without
                  find_unused_parameters, training with it, and a stop requested on one
-                 rank only.
+                 rank only; then failures on one rank (unsharded data, NaN losses,
+                 writers that fail on rank 0) that must stop both.
     resume       Shuffled data and dropout, a checkpoint every 3 steps; with KILL_AT set,
                  rank 1 SIGKILLs itself after that step (run again to resume).
     fsdp         strategy="fsdp" with the equivalence setup.
@@ -285,6 +286,30 @@ def optional(out: str) -> None:
     except NonFiniteLossError as exc:
         aux_error = str(exc)
     save(out, "aux", {"error": aux_error})
+
+    # Rank 0 alone opens the writers and writes to them: a writer factory failing there,
+    # or a background write failing before a checkpoint, fails every rank at the same
+    # point instead of leaving the other waiting in a collective.
+    def unreachable_server(log_dir, start_step):
+        raise OSError("the tracking server is down")
+
+    class FullDisk:
+        def write(self, record):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    failures = {}
+    for name, options in (("open", {"writers": [unreachable_server]}),
+                          ("save", {"writers": [FullDisk()], "checkpoint_every": 2})):
+        try:
+            Trainer(Regressor(), data, max_steps=4, log_every=2, progress=False,
+                    log_dir=os.path.join(out, f"writers-{name}"), **options).fit()
+            failures[name] = None
+        except (OSError, RuntimeError) as exc:
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    save(out, "writers", failures)
 
 
 def resume(out: str) -> None:

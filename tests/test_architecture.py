@@ -116,7 +116,7 @@ def test_built_in_hooks_sit_at_their_named_priorities():
     assert {cls: cls.priority for cls in expected} == expected
     assert hooks_module.Hook.priority == Priority.DEFAULT
     order = [Priority.DEFAULT, Priority.EVALUATION, Priority.EARLY_STOPPING,
-             Priority.BEST_CHECKPOINT, Priority.LOGGING, Priority.CHECKPOINT, Priority.PROGRESS]
+             Priority.LOGGING, Priority.BEST_CHECKPOINT, Priority.CHECKPOINT, Priority.PROGRESS]
     assert order == sorted(order) and len(set(order)) == len(order)
 
 

@@ -126,6 +126,13 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
         assert "at the flush of step 4" in nonfinite["flush"]
         assert "at step 3: rank 1: 'mse'" in nonfinite["step"]
         assert "The optimizer did not step" in nonfinite["step"]
+    writers = load(out, "writers", 0), load(out, "writers", 1)
+    assert writers[0]["open"] == "OSError: the tracking server is down"
+    assert writers[1]["open"].startswith("RuntimeError: rank 0 could not open the summary")
+    for rank in (0, 1):
+        assert writers[rank]["save"].startswith(
+            "RuntimeError: writing summaries failed in the background: OSError('disk full')")
+    assert writers[1]["save"].endswith("(raised on rank 0)")
 
 
 def test_sigkill_of_one_rank_then_the_same_command_resumes_exactly(tmp_path):

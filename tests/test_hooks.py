@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -264,6 +265,27 @@ def test_best_checkpoint_keeps_the_best_evaluation(quiet):
     directory = quiet["log_dir"] + "/checkpoints"
     assert load_checkpoint(directory + "/best.pt")["trainer"]["step"] == 4
     assert [step for step, _ in list_checkpoints(directory)] == [8]  # best.pt not pruned
+
+
+def test_a_run_resumed_from_best_checkpoint_logs_every_step_once(tmp_path):
+    """best.pt is saved after its step's flush (and with the logs on disk), so a run
+    continued from it drops what was logged after it and writes no step twice."""
+    from lossless_trainer import BestCheckpoint
+
+    log_dir = str(tmp_path / "run")
+    options = {"eval_data": make_batches(1), "eval_every": 2, "log_every": 2,
+               "log_dir": log_dir, "progress": False}
+    Trainer(ValLossClassifier(), make_batches(8), max_steps=6,
+            evaluators=[Replay([0.1, 0.7, 0.3])],
+            callbacks=[BestCheckpoint("score", mode="max")], **options).fit()
+    best = load_checkpoint(os.path.join(log_dir, "checkpoints", "best.pt"))
+    assert best["trainer"]["step"] == 4
+    assert best["summary"]["scalars"] == {}  # saved after the flush of step 4
+    Trainer(ValLossClassifier(), make_batches(8), max_steps=8, evaluators=[Replay([0.5] * 3)],
+            callbacks=[BestCheckpoint("score", mode="max")],
+            resume=os.path.join(log_dir, "checkpoints", "best.pt"), **options).fit()
+    steps = [line["step"] for line in read_metrics(log_dir)]
+    assert steps == [2, 4, 6, 8]
 
 
 # --------------------------------------------------------------------------- CheckpointHook
