@@ -293,7 +293,7 @@ class Trainer:
         # The last step is a summary step too, so media written there are kept.
         last_step = self.total_steps or self._step_limit
         self.model.train()
-        self._open_writers()
+        self.writers = self._open_writers(state.step)
         with sink.activate(), stop_on_signals(self.handle_signals, self.request_stop):
             try:
                 hooks.call("before_train", self)
@@ -442,19 +442,20 @@ class Trainer:
             return BackgroundWriter([])
         return BackgroundWriter(open_writers(self.log_dir, start_step, self.extra_writers))
 
-    def _open_writers(self) -> None:
-        """`make_writers` for this fit. Rank 0 alone opens files (and your factories'
-        connections): if it fails, every rank raises, so none waits in a collective."""
-        error: Exception | None = None
+    def _open_writers(self, start_step: int | None) -> BackgroundWriter:
+        """`make_writers`, agreed on by every rank (a `fit`, a standalone `evaluate`).
+        Rank 0 alone opens files and your factories' connections: if it fails, every
+        rank raises, so none waits in a collective."""
         try:
-            self.writers = self.make_writers(self.state.step)
-        except Exception as exc:
-            error = exc
-        if self.dist.any(error is not None):
-            if error is None:
-                raise RuntimeError("rank 0 could not open the summary writers (its error is "
-                                   "in its log); every rank stops")
-            raise error
+            writers = self.make_writers(start_step)
+        except Exception:
+            self.dist.any(True)  # tell the other ranks, then raise here
+            raise
+        if self.dist.any(False):  # another rank could not open its writers
+            writers.close()
+            raise RuntimeError("rank 0 could not open the summary writers (its error is "
+                               "in its log); every rank stops")
+        return writers
 
     def publish(self, record: SummaryRecord) -> None:
         """Hand a flushed record to the writers and make it `last_summary`. The logging
@@ -618,7 +619,7 @@ class Trainer:
                 self.sink.put(tag, value)
             self.sink.request_flush()
         else:
-            writers = self.make_writers(None)
+            writers = self._open_writers(None)
             writers.write(SummaryRecord(step=self.state.step, scalars=scalars))
             writers.close()
         return results
