@@ -8,6 +8,7 @@ from .checkpoint import CheckpointError
 from .errors import ModelOutputError, NonFiniteLossError
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import BestCheckpoint, EarlyStopping, Hook
+from .means import Mean
 from .model import Model, WithLoss
 from .state import Priority, TrainerView, TrainState
 from .summary import SummaryRecord, is_summary_step, summaries_off, summary_scope, write_summary
@@ -20,6 +21,7 @@ __all__ = [
     "EarlyStopping",
     "Evaluator",
     "Hook",
+    "Mean",
     "MeanSquaredError",
     "Model",
     "ModelOutputError",

@@ -52,7 +52,7 @@ __all__ = ["Distributed", "combine_totals"]
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 # A tag's window: (sum of its values, how many, first non-finite step or None).
-Totals = dict[str, tuple[float, int, int | None]]
+Totals = dict[str, tuple[float, float, int | None]]
 
 _CONTROL_GROUP: Any = None  # one CPU (gloo) side channel per process, made on first use
 
@@ -356,6 +356,14 @@ class Distributed:
         dist.all_gather_object(gathered, obj, group=_control_group())
         return gathered
 
+    def all_reduce_sum(self, tensor: torch.Tensor, async_op: bool = False) -> Any:
+        """Sum `tensor` over the ranks, in place, on the default group (NCCL on GPUs: the
+        work runs on the device and waiting for it is a stream wait, not a host sync).
+        Returns the work to `wait()` on when `async_op`, else None."""
+        if not self.collectives_ok:
+            return None
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
+
     def gather_to_main(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` on rank 0, in rank order; None on the other ranks."""
         if not self.collectives_ok:
@@ -434,7 +442,7 @@ class Distributed:
         self._stop_agreed = False
 
     def reduce_totals(self, totals: Totals, modes: dict[str, str], share: Any = None
-                      ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]],
+                      ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]],
                                  list[Any]]:
         """Combine every rank's window, and gather each rank's `share` with it: one
         gather per flush. See `combine_totals`."""
@@ -465,7 +473,7 @@ class Distributed:
 
 def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
                    ranks: Sequence[int] | None = None,
-                   ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]]]:
+                   ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]]]:
     """Combine the scalar windows of every rank.
 
     Each rank sends ``({tag: (sum, count, first_bad_step)}, {tag: mode})`` for the tags
@@ -486,7 +494,7 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
         ``{tag: (first non-finite step, rank)}`` for tags that went NaN or Inf anywhere.
     """
     ranks = list(range(len(per_rank))) if ranks is None else list(ranks)
-    values: dict[str, tuple[float, int]] = {}
+    values: dict[str, tuple[float, float]] = {}
     nonfinite: dict[str, tuple[int, int]] = {}
     tags: dict[str, None] = {}
     for totals, _ in per_rank:

@@ -34,6 +34,7 @@ import torch
 from .checkpoint import checkpoint_path, prune_checkpoints
 from .data import batch_size
 from .errors import NonFiniteLossError
+from .means import Mean
 from .state import Priority, TrainerView, logger
 from .summary import SummaryRecord
 
@@ -184,6 +185,7 @@ class LoggingHook(Hook):
 
     def __init__(self) -> None:
         self._tags: dict[str, str] = {}
+        self._mean_keys: dict[str, None] = {}  # loss keys the model returns as `Mean`
         self._samples: int | None = 0
         self._window_start = 0.0
         self._window_steps = 0
@@ -195,7 +197,7 @@ class LoggingHook(Hook):
     def state_dict(self) -> dict[str, Any]:
         return {"window_steps": self._window_steps, "window_micro": self._window_micro,
                 "samples": -1 if self._samples is None else self._samples,
-                "loss_keys": list(self._tags)}
+                "loss_keys": list(self._tags), "mean_keys": list(self._mean_keys)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._window_steps = state["window_steps"]
@@ -204,6 +206,7 @@ class LoggingHook(Hook):
         # Loss keys seen so far, so an optional loss missing since the checkpoint still
         # counts in loss/total and in the non-finite check of the window.
         self._tags = {key: f"loss/{key}" for key in state["loss_keys"]}
+        self._mean_keys = dict.fromkeys(state.get("mean_keys", ()))
 
     def after_step(self, trainer: TrainerView) -> None:
         sink = trainer.sink
@@ -213,7 +216,11 @@ class LoggingHook(Hook):
                 tag = tags.get(key)
                 if tag is None:
                     tag = tags[key] = f"loss/{key}"
-                sink.put_scalar(tag, loss)
+                if type(loss) is Mean:  # the window's totals over its counts
+                    self._mean_keys[key] = None
+                    sink.put_mean(tag, loss.total, loss.count)
+                else:
+                    sink.put_scalar(tag, loss)
         self._window_steps += 1
         self._window_micro += len(trainer.micro_losses)
         if self._samples is not None:
@@ -244,17 +251,23 @@ class LoggingHook(Hook):
         # The last completed step: after a failed step, its partial window is still
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
-        record = sink.flush(trainer.state.step, share=list(self._tags))
-        for keys in record.shared:
-            for key in keys or ():
+        record = sink.flush(trainer.state.step,
+                            share=(list(self._tags), list(self._mean_keys)))
+        for shared in record.shared:
+            keys, mean_keys = shared or ((), ())
+            for key in keys:
                 self._tags.setdefault(key, f"loss/{key}")
-        # loss/total is derived, not stored per step: the window's summed losses over its
-        # steps (and ranks). Exact also when an optional loss is missing from some steps.
-        window_sums = [record.scalars[tag] * record.counts[tag] for tag in self._tags.values()
-                       if tag in record.counts]
+            self._mean_keys.update(dict.fromkeys(mean_keys))
+        # loss/total is derived, not stored per step: the window's summed plain losses
+        # over its micro-batches (and ranks), exact also when an optional loss is missing
+        # from some of them, plus each Mean term's window value (its pooled mean).
+        window_sums = [record.scalars[tag] * record.counts[tag] for key, tag in self._tags.items()
+                       if tag in record.counts and key not in self._mean_keys]
+        means = [record.scalars[f"loss/{key}"] for key in self._mean_keys
+                 if f"loss/{key}" in record.scalars]
         micro_batches = self._window_micro * trainer.dist.world_size
-        if window_sums and micro_batches:
-            record.scalars["loss/total"] = sum(window_sums) / micro_batches
+        if (window_sums or means) and micro_batches:
+            record.scalars["loss/total"] = sum(window_sums) / micro_batches + sum(means)
         groups = trainer.optimizer.param_groups
         for i, group in enumerate(groups):
             name = "lr" if len(groups) == 1 else f"lr/{group.get('name', f'group{i}')}"

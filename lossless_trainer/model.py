@@ -16,6 +16,7 @@ from torch import nn
 
 from .data import Selector, move_to_device, select
 from .errors import ModelOutputError
+from .means import Mean
 from .summary import summaries_off
 
 __all__ = ["Model", "WithLoss", "check_losses"]
@@ -123,8 +124,9 @@ class WithLoss(Model):
         return loss if isinstance(loss, dict) else {self.name: loss}
 
 
-def check_losses(output: Any, step: int, where: str = "model") -> dict[str, torch.Tensor]:
-    """Validate a training-mode output and return it as a dict of scalar losses.
+def check_losses(output: Any, step: int, where: str = "model") -> dict[str, Any]:
+    """Validate a training-mode output and return it as a dict of scalar losses (tensors
+    and `Mean` terms).
 
     Cheap enough for every step: attribute checks only, no device synchronisation.
 
@@ -160,26 +162,35 @@ def check_losses(output: Any, step: int, where: str = "model") -> dict[str, torc
                 f"{where}(batch) returned a loss key {key!r} of type {type(key).__name__} at "
                 f"step {step}; loss names must be strings"
             )
-        if not isinstance(loss, torch.Tensor):
-            raise ModelOutputError(
-                f"loss {key!r} at step {step} is a {type(loss).__name__}, not a tensor; "
-                "compute losses with torch so they can be backpropagated"
-            )
-        if loss.ndim != 0:
-            raise ModelOutputError(
-                f"loss {key!r} at step {step} has shape {tuple(loss.shape)}; losses must be "
-                "scalars: reduce it with .mean() or .sum()"
-            )
-        if not loss.is_floating_point():
-            raise ModelOutputError(
-                f"loss {key!r} at step {step} has dtype {loss.dtype}; losses must be floating "
-                "point. Counts and other metrics go to write_summary()"
-            )
-        if not loss.requires_grad:
-            raise ModelOutputError(
-                f"loss {key!r} at step {step} does not require grad: it has no path to any "
-                "trainable parameter (computed under no_grad, detached, or from constants). "
-                "To log a value without training on it use write_summary(); to skip an "
-                "optional loss, leave its key out of the dict"
-            )
+        if type(loss) is Mean:
+            _check_tensor(f"the total of Mean {key!r}", loss.total, step)
+            continue
+        _check_tensor(f"loss {key!r}", loss, step)
     return output
+
+
+def _check_tensor(what: str, loss: Any, step: int) -> None:
+    """Raise why `loss` cannot be trained on, naming `what` and `step`; or return."""
+    if not isinstance(loss, torch.Tensor):
+        raise ModelOutputError(
+            f"{what} at step {step} is a {type(loss).__name__}, not a tensor; "
+            "compute losses with torch so they can be backpropagated"
+        )
+    if loss.ndim != 0:
+        raise ModelOutputError(
+            f"{what} at step {step} has shape {tuple(loss.shape)}; losses must be "
+            "scalars: reduce it with .mean() or .sum() (or, for a mean over a varying "
+            "number of items, return Mean(its .sum(), the number of items))"
+        )
+    if not loss.is_floating_point():
+        raise ModelOutputError(
+            f"{what} at step {step} has dtype {loss.dtype}; losses must be floating "
+            "point. Counts and other metrics go to write_summary()"
+        )
+    if not loss.requires_grad:
+        raise ModelOutputError(
+            f"{what} at step {step} does not require grad: it has no path to any "
+            "trainable parameter (computed under no_grad, detached, or from constants). "
+            "To log a value without training on it use write_summary(); to skip an "
+            "optional loss, leave its key out of the dict"
+        )

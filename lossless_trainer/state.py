@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .distributed import Distributed
     from .evaluation import Evaluator
+    from .means import Mean
     from .precision import Precision
     from .summary import SummaryRecord, SummarySink
 
@@ -113,15 +114,18 @@ class TrainerView(Protocol):
         checkpoint_dir: Where checkpoints go (``<log_dir>/checkpoints``).
         batch: This step's last micro-batch, as the data yielded it.
         micro_batches: Every micro-batch of this step.
-        losses: The losses the model returned for `batch`: device tensors, not synced.
+        losses: The losses the model returned for `batch`: device tensors, not synced,
+            and `Mean` terms as returned (``.total``, ``.count``).
         micro_losses: The losses of every micro-batch of this step.
-        total_loss: The sum of `losses` (a device tensor).
+        total_loss: The sum of `losses`, a `Mean` counted as its batch mean
+            (``total / count``): a device tensor.
         last_summary: The latest flushed `SummaryRecord` (scalars as plain floats).
         last_eval: The latest `evaluate` results, or None.
         resumed_from: The checkpoint this run resumed from, or None.
         exception: During `on_exception` and `after_train`, the error `fit` raises.
         sink: The run's summary sink. Hooks write with `write_summary`; the logging
-            hook also uses `put_scalar`, `put`, `flush_due`, `pending` and `flush`.
+            hook also uses `put_scalar`, `put_mean`, `put`, `flush_due`, `pending` and
+            `flush`.
     """
 
     state: TrainState
@@ -136,8 +140,8 @@ class TrainerView(Protocol):
     checkpoint_dir: str
     batch: Any
     micro_batches: Sequence[Any]
-    losses: dict[str, torch.Tensor]
-    micro_losses: list[dict[str, torch.Tensor]]
+    losses: dict[str, torch.Tensor | Mean]
+    micro_losses: list[dict[str, torch.Tensor | Mean]]
     total_loss: torch.Tensor | None
     last_summary: SummaryRecord | None
     last_eval: dict[str, float] | None

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from .means import Mean
+
 __all__ = [
     "SummaryRecord",
     "SummarySink",
@@ -156,7 +158,8 @@ class SummaryRecord:
     Attributes:
         step: The step the window is written at.
         scalars: Mean of each scalar tag over the window.
-        counts: How many values each scalar mean is over (to weight means when merging).
+        counts: How many values each scalar mean is over (to weight means when merging);
+            for a tag written as `Mean` values, the sum of their counts.
         nonfinite: For each tag that received a NaN or Inf in the window, the first step
             that did.
         nonfinite_ranks: Under torchrun, the rank where each `nonfinite` tag went bad first.
@@ -168,7 +171,7 @@ class SummaryRecord:
 
     step: int
     scalars: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
     nonfinite_ranks: dict[str, int] = field(default_factory=dict)
     shared: list[Any] = field(default_factory=list)
@@ -179,17 +182,21 @@ class _ScalarWindow:
     """Pending values of one scalar tag since the last flush."""
 
     __slots__ = ("values", "steps", "offset", "total", "first_bad", "py_sum", "py_count",
-                 "py_first_bad")
+                 "py_first_bad", "weights", "weight_total")
 
-    def __init__(self) -> None:
+    def __init__(self, weighted: bool = False) -> None:
         self.values: list[torch.Tensor] = []
         self.steps: list[int] = []  # step of every tensor value, to name a non-finite one
         self.offset = 0  # values already folded into `total`
         self.total: torch.Tensor | None = None
         self.first_bad: torch.Tensor | None = None  # index into `steps`, inf if none
         self.py_sum = 0.0
-        self.py_count = 0
+        self.py_count: float = 0  # numbers added; in a weighted window, their weights
         self.py_first_bad: int | None = None
+        # A weighted window (of `Mean` values) is the sum of totals over the sum of counts:
+        # the counts that are tensors, and their folded sum.
+        self.weights: list[torch.Tensor] | None = [] if weighted else None
+        self.weight_total: torch.Tensor | None = None
 
     def add_number(self, value: float, step: int) -> None:
         self.py_sum += value
@@ -212,6 +219,13 @@ class _ScalarWindow:
             self.first_bad = torch.minimum(self.first_bad, first_bad)
         self.offset += n
         self.values.clear()
+
+    def fold_weights(self) -> None:
+        """Reduce queued tensor counts to their sum, on their device."""
+        assert self.weights is not None
+        total = torch.stack(self.weights).sum()
+        self.weight_total = total if self.weight_total is None else self.weight_total + total
+        self.weights.clear()
 
 
 class SummarySink:
@@ -277,6 +291,8 @@ class SummarySink:
         window = self._scalars.get(tag)
         if window is None:
             window = self._scalars[tag] = _ScalarWindow()
+        elif window.weights is not None:
+            _mixed(tag)
         if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
             # `.data` is `.detach()` without the round trip through the dispatcher.
             value = value.detach().clone() if value.is_leaf else value.data
@@ -292,11 +308,44 @@ class SummarySink:
         if len(window.values) >= _FOLD_AT:
             window.fold()
 
+    def put_mean(self, tag: str, total: torch.Tensor | float, count: Any) -> None:
+        """Add a `Mean`: the tag's window value is the sum of its totals over the sum of
+        its counts (pooled over ranks the same way under torchrun). Numbers stay on the
+        host, tensors on their device; nothing is synced."""
+        window = self._scalars.get(tag)
+        if window is None:
+            window = self._scalars[tag] = _ScalarWindow(weighted=True)
+        elif window.weights is None:
+            _mixed(tag)
+        if isinstance(total, torch.Tensor):
+            if total.numel() != 1:
+                raise ValueError(f"write_summary({tag!r}, Mean(total, count)): total must be "
+                                 f"one number, got shape {tuple(total.shape)}")
+            window.values.append(total.detach().reshape(()) if total.requires_grad or total.ndim
+                                 else total)
+            window.steps.append(self.step)
+            if len(window.values) >= _FOLD_AT:
+                window.fold()
+        else:
+            window.add_number(float(total), self.step)
+            window.py_count -= 1  # add_number counted one value; the count is added below
+        if isinstance(count, torch.Tensor):
+            window.weights.append(count.reshape(()) if count.ndim else count)  # type: ignore[union-attr]
+            if len(window.weights) >= _FOLD_AT:  # type: ignore[arg-type]
+                window.fold_weights()
+        else:
+            window.py_count += count
+
     def put(self, tag: str, value: Any, kind: str | None = None,
             dataformats: str | None = None, reduce: str = "mean") -> None:
         """Store `value` under `tag`, inferring its kind when not given."""
         if reduce != "mean":
             self._set_mode(tag, reduce)
+        if type(value) is Mean:
+            if kind not in (None, "scalar"):
+                raise ValueError(f"write_summary({tag!r}): a Mean is a scalar, not {kind!r}")
+            self.put_mean(tag, value.total, value.count)
+            return
         if kind is None:
             if type(value) is torch.Tensor and value.ndim == 0:  # the common cases first
                 self.put_scalar(tag, value)
@@ -352,6 +401,8 @@ class SummarySink:
         window = self._scalars.get(tag)
         if window is None:
             window = self._scalars[tag] = _ScalarWindow()
+        elif window.weights is not None:
+            _mixed(tag)
         window.add_number(value, self.step)
 
     def flush(self, step: int | None = None, share: Any = None) -> SummaryRecord:
@@ -370,6 +421,8 @@ class SummarySink:
         if self.reducer is None:
             record.shared = [share]
             for tag, (total, count, first_bad) in totals.items():
+                if not count:  # a Mean with nothing counted in the window has no value
+                    continue
                 record.scalars[tag] = total / count
                 record.counts[tag] = count
                 if first_bad is not None:
@@ -392,22 +445,34 @@ class SummarySink:
         self._others = {}
         return record
 
-    def _totals(self) -> dict[str, tuple[float, int, int | None]]:
-        """Sum, count and first non-finite step of every pending scalar tag."""
+    def _totals(self) -> dict[str, tuple[float, float, int | None]]:
+        """Sum, count and first non-finite step of every pending scalar tag. The count
+        is the number of values, or for a weighted tag (`put_mean`) the sum of counts."""
         stacks: dict[torch.device, list[torch.Tensor]] = {}
-        plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int]] = []
+        weight_stacks: dict[torch.device, list[torch.Tensor]] = {}
+        plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int,
+                         list[torch.Tensor] | None, int]] = []
         for tag, window in self._scalars.items():
             parts = window.values if window.total is None else [
                 *window.values, window.total, window.first_bad]
-            if not parts:
-                plan.append((tag, window, None, 0))
-                continue
-            stack = stacks.setdefault(parts[0].device, [])
-            plan.append((tag, window, stack, len(stack)))
-            stack.extend(parts)
+            stack = start = None
+            if parts:
+                stack = stacks.setdefault(parts[0].device, [])
+                start = len(stack)
+                stack.extend(parts)
+            weights = window.weights
+            weight_stack = weight_start = None
+            if weights is not None and window.weight_total is not None:
+                weights = [*weights, window.weight_total]
+            if weights:
+                weight_stack = weight_stacks.setdefault(weights[0].device, [])
+                weight_start = len(weight_stack)
+                weight_stack.extend(weights)
+            plan.append((tag, window, stack, start or 0, weight_stack, weight_start or 0))
         host = {id(stack): torch.stack(stack).tolist() for stack in stacks.values()}
-        totals: dict[str, tuple[float, int, int | None]] = {}
-        for tag, window, stack, start in plan:
+        host.update({id(stack): torch.stack(stack).tolist() for stack in weight_stacks.values()})
+        totals: dict[str, tuple[float, float, int | None]] = {}
+        for tag, window, stack, start, weight_stack, weight_start in plan:
             # Added one by one, in order, so a window split by a checkpoint and resumed
             # sums to exactly the same float as an uninterrupted one (as long as no tag
             # gathers 256 values, where float32 folding changes the rounding).
@@ -423,13 +488,19 @@ class SummarySink:
                     bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
                     if bad is not None:
                         bad_steps.append(window.steps[window.offset + bad])
-                count += len(window.values)
+                if window.weights is None:
+                    count += len(window.values)
                 if window.total is not None:
                     folded_sum, folded_bad = numbers_[end:end + 2]
                     total += folded_sum
-                    count += window.offset
+                    if window.weights is None:
+                        count += window.offset
                     if folded_bad != math.inf:
                         bad_steps.append(window.steps[int(folded_bad)])
+            if weight_stack is not None:
+                for weight in host[id(weight_stack)][weight_start:weight_start + len(
+                        window.weights or ()) + (window.weight_total is not None)]:
+                    count += weight
             totals[tag] = (total, count, min(bad_steps) if bad_steps else None)
         return totals
 
@@ -439,17 +510,20 @@ class SummarySink:
         Costs one device synchronisation. Histograms, images and text are not kept: they
         only exist on summary steps, which are flushed before a checkpoint is taken.
         """
+        weighted = [tag for tag, window in self._scalars.items() if window.weights is not None]
         return {"scalars": {tag: {"sum": total, "count": count,
                                   "first_bad": -1 if first_bad is None else first_bad}
                             for tag, (total, count, first_bad) in self._totals().items()},
+                "weighted": weighted,
                 "modes": dict(self._modes)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a pending window saved by `state_dict`."""
         self._scalars = {}
         self._modes = dict(state.get("modes", {}))
+        weighted = set(state.get("weighted", ()))
         for tag, saved in state["scalars"].items():
-            window = self._scalars[tag] = _ScalarWindow()
+            window = self._scalars[tag] = _ScalarWindow(weighted=tag in weighted)
             window.py_sum = saved["sum"]
             window.py_count = saved["count"]
             window.py_first_bad = None if saved["first_bad"] < 0 else saved["first_bad"]
@@ -457,8 +531,14 @@ class SummarySink:
 
 # Combines a window's scalar totals across processes: ({tag: (sum, count, first_bad)},
 # {tag: mode}, share) -> ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
-Reducer = Callable[[dict[str, tuple[float, int, "int | None"]], dict[str, str], Any],
-                   tuple[dict[str, tuple[float, int]], dict[str, tuple[int, int]], list[Any]]]
+Reducer = Callable[[dict[str, tuple[float, float, "int | None"]], dict[str, str], Any],
+                   tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]], list[Any]]]
+
+
+def _mixed(tag: str) -> None:
+    raise ValueError(
+        f"write_summary({tag!r}): a Mean and a plain value in the same window; a tag is "
+        "either a mean over items (always a Mean) or a mean over steps (always plain)")
 
 
 def _infer_kind(tag: str, value: Any) -> str:

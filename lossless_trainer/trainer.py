@@ -27,6 +27,7 @@ from .distributed import Distributed
 from .errors import NonFiniteLossError
 from .evaluation import Evaluator, merge_results, run_evaluation
 from .hooks import Hook, HookList, builtin_hooks
+from .means import Mean, Normaliser
 from .model import check_losses
 from .options import (
     build_optimizer,
@@ -92,9 +93,11 @@ class Trainer:
             updates the weights.
         precision: ``"32"``, ``"bf16"`` or ``"fp16"``. Autocast covers the forward, and
             so the model's own loss computation; fp16 adds a GradScaler.
-        grad_accum_steps: Micro-batches per optimizer step; each one's loss is scaled by
-            1/N. A "step" everywhere (`max_steps`, `log_every`, checkpoints) is an
-            optimizer step. An epoch's leftover micro-batches make one shorter step.
+        grad_accum_steps: Micro-batches per optimizer step; each one's plain losses are
+            scaled by 1/N, and each `Mean` term by the step's whole count of its key
+            (which needs the model's ``count_items(batch)``). A "step" everywhere
+            (`max_steps`, `log_every`, checkpoints) is an optimizer step. An epoch's
+            leftover micro-batches make one shorter step.
         clip_grad_norm: Clip the gradients' total norm to this, after unscaling. The norm
             before clipping is logged as ``grad_norm``.
         clip_grad_value: Clip each gradient element to ``[-x, x]``, after unscaling.
@@ -202,6 +205,8 @@ class Trainer:
         self._clipping = clip_grad_norm is not None or clip_grad_value is not None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._model_name = type(model).__name__
+        # Divides each `Mean` term by the step's count over every micro-batch and rank.
+        self._means = Normaliser(model, self.dist, self._model_name)
 
         # The data, how long to train, and where training stands in it.
         data, self._data_sharded = self.dist.shard(data, seed if seed is not None else 0)
@@ -237,8 +242,8 @@ class Trainer:
         # yielded it, its losses, and every micro-batch of the step with theirs.
         self.batch: Any = None
         self.micro_batches: Sequence[Any] = ()
-        self.losses: dict[str, torch.Tensor] = {}
-        self.micro_losses: list[dict[str, torch.Tensor]] = []
+        self.losses: dict[str, torch.Tensor | Mean] = {}
+        self.micro_losses: list[dict[str, torch.Tensor | Mean]] = []
         self.total_loss: torch.Tensor | None = None
         self.last_summary: SummaryRecord | None = None
         self.last_eval: dict[str, float] | None = None
@@ -476,29 +481,35 @@ class Trainer:
 
     # -- the step -------------------------------------------------------------------------
 
-    def run_step(self, batches: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
+    def run_step(self, batches: Sequence[Any]) -> list[dict[str, Any]]:
         """One optimizer step over `grad_accum_steps` micro-batches. No `.item()`, no sync.
 
-        Each micro-batch's total loss is scaled by 1/len(batches), so accumulating N
-        batches of size B equals one batch of N*B for mean losses. Extension point:
-        hooks see the unscaled gradients in `after_backward`, before clipping and the
-        update.
+        Each micro-batch's plain losses are scaled by 1/len(batches), so accumulating N
+        batches of size B equals one batch of N*B for mean losses; each `Mean` term is
+        divided by the step's count of its key (over every micro-batch and rank), so it
+        is the global mean. Extension point: hooks see the unscaled gradients in
+        `after_backward`, before clipping and the update.
 
         Returns:
             Each micro-batch's losses, as the model returned them (unscaled).
         """
         step = self.state.step + 1
         count = len(batches)
+        means = self._means if self._means.active else None
+        if means is not None and means.count_items is not None:
+            means.begin(batches, step)  # the counts, and their all-reduce, before any forward
         per_batch = []
         for i, batch in enumerate(batches, 1):
             if i < count and self._syncs_gradients:
                 # Until the last micro-batch, forward and backward skip the gradient sync
                 # (DDP/FSDP no_sync); the last one all-reduces the accumulated sum.
                 with self._no_sync():
-                    losses, total = self._forward_backward(batch, step, count)
+                    losses, total = self._forward_backward(batch, step, count, means)
             else:
-                losses, total = self._forward_backward(batch, step, count)
+                losses, total = self._forward_backward(batch, step, count, means)
             per_batch.append(losses)
+        if means is not None:
+            means.end_step(step, check=self.sink.flush_due or self.finite_check == "step")
         precision = self.precision
         precision.unscale(self.optimizer)
         for hook in self._after_backward:
@@ -512,10 +523,11 @@ class Trainer:
         self.total_loss = total
         return per_batch
 
-    def _forward_backward(self, batch: Any, step: int, count: int,
-                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """One micro-batch of `count`: the model's checked losses and their sum, whose
-        gradient (scaled by 1/count) is added to the parameters' ``.grad``."""
+    def _forward_backward(self, batch: Any, step: int, count: int, means: Normaliser | None,
+                          ) -> tuple[dict[str, Any], torch.Tensor]:
+        """One micro-batch of `count`: the model's checked losses and their sum (a `Mean`
+        term counted as its own batch mean), whose gradient (plain losses scaled by
+        1/count, `Mean` terms by the step's count) is added to the parameters' ``.grad``."""
         batch = move_to_device(batch, self.device)
         precision = self.precision
         try:
@@ -527,13 +539,25 @@ class Trainer:
         except RuntimeError as exc:  # DDP's unused-parameter error, made clear
             raise self.dist.explain(exc, step, self.model) from exc
         losses = check_losses(output, step, self._model_name)
-        values = iter(losses.values())
-        total = next(values)
-        for loss in values:
-            total = total + loss
+        total = terms = None
+        for key, loss in losses.items():
+            if type(loss) is Mean:
+                if terms is None:
+                    terms = {}
+                terms[key] = loss
+            else:
+                total = loss if total is None else total + loss
+        if terms is None and means is None:  # plain losses only: the step as it always was
+            if self.finite_check == "step":
+                self._check_finite(losses, total)
+            precision.backward(total / count if count > 1 else total)
+            return losses, total
+        objective = self._means.objective(total, terms, count, step)
+        for term in (terms or {}).values():  # reported: each term as its batch's mean
+            total = term.value if total is None else total + term.value
         if self.finite_check == "step":
-            self._check_finite(losses, total)
-        precision.backward(total / count if count > 1 else total)
+            self._check_finite(losses, objective)
+        precision.backward(objective)
         return losses, total
 
     def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
@@ -559,7 +583,7 @@ class Trainer:
             norm = norm.full_tensor()
         self.sink.put_scalar("grad_norm", norm)
 
-    def _check_finite(self, losses: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+    def _check_finite(self, losses: dict[str, Any], total: torch.Tensor) -> None:
         finite = bool(torch.isfinite(total))
         if self.dist.enabled:  # every rank stops together, or the others would hang
             if not self.dist.any(not finite):
@@ -567,7 +591,8 @@ class Trainer:
         elif finite:
             return
         step = self.state.step + 1
-        bad = {key: step for key, loss in losses.items() if not bool(torch.isfinite(loss))}
+        bad = {key: step for key, loss in losses.items()
+               if not bool(torch.isfinite(loss.total if type(loss) is Mean else loss))}
         where = ", ".join(repr(key) for key in bad) or "the total"
         if self.dist.enabled:
             per_rank = self.dist.all_gather(None if finite else sorted(bad))

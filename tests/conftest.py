@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lossless_trainer import Model, Trainer, write_summary
+from lossless_trainer import Mean, Model, Trainer, write_summary
 
 # --------------------------------------------------------------------------- models
 
@@ -87,6 +87,75 @@ class ValLossClassifier(Model):
         return logits
 
 
+class TinyLM(Model):
+    """Next-token prediction on padded sequences (labels -100 at padding), with the loss
+    ``Mean(nll summed over real tokens, their number)`` and `count_items` for it.
+
+    Args:
+        aux: Add a plain auxiliary loss (a per-sequence mean, so equal micro-batches
+            average to the big batch's value).
+        mean_of_means: Return the per-batch mean ``nll / n`` as a plain loss instead (and
+            have no `count_items`): the bug the Mean exists to fix.
+    """
+
+    def __init__(self, vocab: int = 11, width: int = 8, *, aux: bool = False,
+                 mean_of_means: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocab)
+        self.aux = aux
+        self.mean_of_means = mean_of_means
+        if mean_of_means:
+            self.count_items = None
+
+    def forward(self, batch):
+        logits = self.out(torch.tanh(self.mix(self.embed(batch["tokens"]))))
+        if not self.training:
+            return logits
+        labels = batch["labels"]
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                              reduction="sum")
+        n_tokens = (labels != -100).sum()
+        losses = {"nll": nll / n_tokens if self.mean_of_means else Mean(nll, n_tokens)}
+        if self.aux:
+            losses["aux"] = 0.1 * logits[:, 0].pow(2).mean()
+        return losses
+
+    def count_items(self, batch):
+        return {"nll": (batch["labels"] != -100).sum()}
+
+
+class UncountedLM(TinyLM):
+    """`TinyLM` without `count_items`."""
+
+    count_items = None
+
+
+def lm_sequences(n: int, vocab: int = 11, seed: int = 0, lengths: tuple[int, int] = (2, 14),
+                 ) -> list[torch.Tensor]:
+    """`n` random token sequences of random lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(vocab, (int(torch.randint(*lengths, (), generator=generator)),),
+                          generator=generator) for _ in range(n)]
+
+
+def pad_lm(sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch for `TinyLM`: inputs and next-token labels, padded to the longest, -100
+    where there is no next token."""
+    width = max(len(s) for s in sequences) - 1
+    tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s) - 1] = s[:-1]
+        labels[i, :len(s) - 1] = s[1:]
+    return {"tokens": tokens, "labels": labels}
+
+
+def lm_batches(sequences: list[torch.Tensor], batch: int) -> list[dict[str, torch.Tensor]]:
+    return [pad_lm(sequences[i:i + batch]) for i in range(0, len(sequences), batch)]
+
+
 def cloned_params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -144,6 +213,23 @@ def read_metrics(log_dir: str | os.PathLike[str]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def syncs(monkeypatch) -> dict[str, int]:
+    """Counts of every way a tensor is read back to the host (`item`, `bool`, `float`,
+    `tolist`), while the test runs."""
+    calls = {"item": 0, "bool": 0, "float": 0, "tolist": 0}
+    for name, attr in [("item", "item"), ("bool", "__bool__"), ("float", "__float__"),
+                       ("tolist", "tolist")]:
+        original = getattr(torch.Tensor, attr)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, attr, counting)
+    return calls
 
 
 @pytest.fixture

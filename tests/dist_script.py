@@ -13,6 +13,9 @@ Modes:
     resume       Shuffled data and dropout, a checkpoint every 3 steps; with KILL_AT set,
                  rank 1 SIGKILLs itself after that step (run again to resume).
     fsdp         strategy="fsdp" with the equivalence setup.
+    means        TinyLM's Mean loss: 2 ranks x batch 4, and 2 ranks x 2 micro-batches x
+                 batch 2, under DDP (also with find_unused_parameters) and FSDP; the
+                 error of a Mean under accumulation without count_items, on both ranks.
 
 Rank 0 saves the final parameters (and whatever the test checks) to OUT/<name>.pt; every
 rank saves its own to OUT/<name>-rank<r>.pt.
@@ -28,13 +31,16 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import TinyLM, UncountedLM, lm_sequences, pad_lm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lossless_trainer import (
     Hook,
+    Mean,
     MeanSquaredError,
     Model,
+    ModelOutputError,
     NonFiniteLossError,
     Trainer,
     write_summary,
@@ -332,7 +338,58 @@ def resume(out: str) -> None:
                          "resumed_from": trainer.resumed_from, "step": trainer.state.step})
 
 
+MEAN_STEPS = 4
+
+
+class AccuracyLM(TinyLM):
+    """TinyLM that also writes its token accuracy as a Mean."""
+
+    def forward(self, batch):
+        losses = super().forward(batch)
+        if self.training:
+            logits = self.out(torch.tanh(self.mix(self.embed(batch["tokens"]))))
+            real = batch["labels"] != -100
+            correct = ((logits.argmax(-1) == batch["labels"]) & real).sum()
+            write_summary("token_accuracy", Mean(correct, real.sum()))
+        return losses
+
+
+def lm_shard(rank: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's half of each step's 8 sequences (the reference's batch of 8), in
+    batches of `batch`: ranks see different numbers of tokens."""
+    sequences = lm_sequences(8 * MEAN_STEPS)
+    return [pad_lm(sequences[step * 8 + rank * 4 + i:step * 8 + rank * 4 + i + batch])
+            for step in range(MEAN_STEPS) for i in range(0, 4, batch)]
+
+
+def means(out: str) -> None:
+    rank = int(os.environ["RANK"])  # the Trainer joins the process group
+    for strategy, unused in (("ddp", False), ("fsdp", False), ("ddp", True)):
+        for name, batch, accum in (("plain", 4, 1), ("accum", 2, 2)):
+            # find_unused_parameters: DDP looks for the tensors inside the Mean.
+            name = f"{strategy}{'-unused' if unused else ''}-{name}"
+            torch.manual_seed(0)
+            model = AccuracyLM()
+            trainer = Trainer(model, lm_shard(rank, batch), grad_accum_steps=accum,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+                              max_steps=MEAN_STEPS, log_every=1, strategy=strategy,
+                              find_unused_parameters=unused,
+                              log_dir=os.path.join(out, name), progress=False, keep_last=1)
+            trainer.fit()
+            params = {k: v.detach().cpu() for k, v in model.state_dict().items()} \
+                if strategy == "ddp" else torch.load(
+                    os.path.join(out, name, "checkpoints", f"step-{MEAN_STEPS:09d}.pt"),
+                    weights_only=True)["model"]
+            save(out, name, {"params": params})
+    try:
+        Trainer(UncountedLM(), lm_shard(rank, 2), grad_accum_steps=2, max_steps=1,
+                log_dir=os.path.join(out, "uncounted"), progress=False, keep_last=0).fit()
+        save(out, "uncounted", {"error": None})
+    except ModelOutputError as exc:
+        save(out, "uncounted", {"error": str(exc)})
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     {"equivalence": equivalence, "optional": optional, "resume": resume,
-     "fsdp": lambda o: equivalence(o, "fsdp")}[mode](out)
+     "fsdp": lambda o: equivalence(o, "fsdp"), "means": means}[mode](out)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics
-from dist_script import Regressor, TwoHeads, dataset
+from conftest import lm_batches, lm_sequences, read_metrics
+from dist_script import MEAN_STEPS, AccuracyLM, Regressor, TwoHeads, dataset
 from torch.utils.data import DataLoader
 
 from lossless_trainer import Trainer, write_summary
@@ -180,6 +180,35 @@ def test_fsdp_two_ranks_equal_one_process_and_save_full_checkpoints(tmp_path):
     reference, _ = single_process(tmp_path, "single14", steps=14, momentum=0.9)
     for key, value in reference.state_dict().items():
         assert torch.allclose(resumed["params"][key], value, atol=1e-5), key
+
+
+def test_mean_losses_under_torchrun_equal_one_process_with_the_whole_batch(tmp_path):
+    """2 ranks x batch 4, and 2 ranks x 2 micro-batches x batch 2, equal one process with
+    batch 8, under DDP and FSDP: the ranks' token counts differ, and each step divides by
+    their sum. The logged values are pooled over the ranks' tokens too. (FSDP hooks the
+    backward on the tensors of the output, and DDP with find_unused_parameters searches
+    the output for them: both must find the total inside the Mean.)"""
+    out = tmp_path / "means"
+    torchrun("means", out)
+    torch.manual_seed(0)
+    reference = AccuracyLM()
+    Trainer(reference, lm_batches(lm_sequences(8 * MEAN_STEPS), 8),
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.5), max_steps=MEAN_STEPS,
+            log_every=1, log_dir=str(tmp_path / "single"), progress=False, keep_last=0).fit()
+    expected = read_metrics(tmp_path / "single")
+    for name in ("ddp-plain", "ddp-accum", "fsdp-plain", "fsdp-accum", "ddp-unused-plain",
+                 "ddp-unused-accum"):
+        params = load(out, name)["params"]
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(params[key], value, atol=1e-5, rtol=0, msg=name)
+        log = read_metrics(out / name)
+        assert [r["step"] for r in log] == list(range(1, MEAN_STEPS + 1))
+        for ours, theirs in zip(log, expected):
+            for tag in ("loss/nll", "loss/total", "token_accuracy"):
+                assert math.isclose(ours[tag], theirs[tag], rel_tol=1e-5), (name, tag)
+    for rank in (0, 1):  # the error of a Mean under accumulation, on every rank
+        error = load(out, "uncounted", rank)["error"]
+        assert error and "'nll' at step 1 is a Mean" in error and "count_items" in error
 
 
 def test_a_checkpoint_from_another_world_size_is_refused_clearly(tmp_path):

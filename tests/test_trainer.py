@@ -70,19 +70,9 @@ def test_step_and_epoch_limits(quiet, batches, max_steps, max_epochs, steps, epo
     assert (state.step, state.epoch, state.stop_reason) == (steps, epochs, reason)
 
 
-def test_training_step_makes_no_per_step_sync(fresh, monkeypatch):
+def test_training_step_makes_no_per_step_sync(fresh, syncs):
     """Only the flush converts tensors to numbers: one tolist() per flush, nothing per step."""
-    calls = {"item": 0, "bool": 0, "float": 0, "tolist": 0}
-    for name, attr in [("item", "item"), ("bool", "__bool__"), ("float", "__float__"),
-                       ("tolist", "tolist")]:
-        original = getattr(torch.Tensor, attr)
-
-        def counting(self, *args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, attr, counting)
-
+    calls = syncs
     sgd = functools.partial(torch.optim.SGD, lr=0.1)  # AdamW reads its CPU step counter
     # keep_last=0: the end-of-training checkpoint syncs once (it checks the weights)
     Trainer(TinyClassifier(), make_batches(30), optimizer=sgd, log_every=10, keep_last=0,

@@ -1,0 +1,370 @@
+"""Exact means: a loss (or summary) that is a sum over a varying number of items.
+
+A model returns ``Mean(total, count)`` for a loss that is `total` summed over `count`
+items (tokens, boxes, pixels). The step then trains on the global mean: every `total` of
+the optimizer step, over all micro-batches and all ranks, divided by the sum of their
+`count`s, which gives the gradient of one big batch whatever the split. The normaliser
+must be known before the step's first backward (a gradient already in ``.grad`` cannot be
+re-weighted term by term), without a host sync:
+
+* one micro-batch per step: the counts come from the forward; under torchrun one
+  all-reduce of them runs on the device between forward and backward;
+* several micro-batches (``grad_accum_steps``): the model's ``count_items(batch)`` gives
+  each micro-batch's counts before the first forward, and under torchrun they are
+  all-reduced once, asynchronously, while the forwards run.
+
+`Normaliser` does this for the trainer; see docs/means.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import ModelOutputError
+
+__all__ = ["Mean", "Normaliser"]
+
+Count = int | float | torch.Tensor
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Mean:
+    """A value that is `total` summed over `count` items: its mean is ``total / count``.
+
+    Return it in the training-mode loss dict for a loss that is a mean over a varying
+    number of items, so the trainer divides by the step's whole count (over every
+    micro-batch and every rank) instead of averaging per-batch means. Pass it to
+    `write_summary` for a metric whose window mean must be pooled the same way (token
+    accuracy: ``Mean(correct, n_tokens)``).
+
+    A dataclass registered as a pytree node, so DDP (``find_unused_parameters``), FSDP
+    (which hooks the backward on the output's tensors) and ``torch.compile`` see the
+    tensors inside it.
+
+    Args:
+        total: The sum over the items: a scalar tensor (for a loss, with a gradient) or,
+            for a summary, a number.
+        count: How many items `total` sums over: an int, a float (a sum of weights), or
+            a scalar tensor (a count computed on the device, read without a sync). It may
+            differ from batch to batch and from rank to rank; it may be 0.
+
+    Examples:
+        >>> nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+        ...                       ignore_index=-100, reduction="sum")
+        >>> return {"nll": Mean(nll, (labels != -100).sum())}
+    """
+
+    total: torch.Tensor | float
+    count: Count
+
+    def __post_init__(self) -> None:
+        total, count = self.total, self.count
+        if isinstance(total, bool) or not isinstance(total, (torch.Tensor, numbers.Real)):
+            raise TypeError(f"Mean(total, count): total must be a tensor or a number, got "
+                            f"{type(total).__name__}")
+        if isinstance(count, bool) or not isinstance(count, (torch.Tensor, numbers.Real)):
+            raise TypeError(f"Mean(total, count): count must be an int, a float or a tensor, "
+                            f"got {type(count).__name__}")
+        if isinstance(count, torch.Tensor):
+            if count.numel() != 1:
+                raise ValueError(f"Mean(total, count): count must be one number, got a "
+                                 f"tensor of shape {tuple(count.shape)}")
+            if count.requires_grad:
+                self.count = count.detach()
+        elif not count >= 0:  # also refuses NaN
+            raise ValueError(f"Mean(total, count): count must be >= 0, got {count}")
+
+    @property
+    def value(self) -> torch.Tensor | float:
+        """``total / count``, the mean of this one batch (0 when both are 0)."""
+        if isinstance(self.count, torch.Tensor):
+            return self.total / self.count.clamp_min(1e-12)
+        return self.total / self.count if self.count else self.total * 0.0
+
+
+
+# torch has no public pytree registration; Hugging Face registers its outputs this way.
+pytree.register_dataclass(Mean)
+
+
+class Normaliser:
+    """The scale of every `Mean` term of a step, known before its first backward.
+
+    A term's scale is ``world_size / C``, where C is the step's count of its key over every
+    micro-batch and rank (DDP and FSDP average gradients over ranks: the world size undoes
+    that). A micro-batch then backpropagates ``sum(plain) / n_micro + sum(total * scale)``,
+    and the accumulated gradient is that of the global mean.
+
+    Who calls what: the trainer's step calls `begin` before the first forward when the
+    model has ``count_items``, `objective` after each forward that returned a `Mean` (or
+    whenever `active`), and `end_step` after the last backward. A model without `Mean`
+    terms never reaches it on a single process; under torchrun `objective` runs once,
+    at the first step, to agree that no rank has any.
+
+    Args:
+        model: The user's model; its ``count_items(batch)``, if it has one, is used.
+        dist: The trainer's `Distributed`.
+        name: The model's class name, for errors.
+    """
+
+    def __init__(self, model: Any, dist: Any, name: str) -> None:
+        count_items = getattr(model, "count_items", None)
+        if count_items is not None and not callable(count_items):
+            raise TypeError(f"{name}.count_items must be a method count_items(batch) -> "
+                            f"dict of counts, got {type(count_items).__name__}")
+        self.count_items: Callable[[Any], Any] | None = count_items
+        self.dist = dist
+        self.name = name
+        self.world = dist.world_size if dist.enabled else 1
+        self.device: torch.device = dist.device
+        # The keys counted every step, agreed by every rank: count_items' keys, or under
+        # torchrun the Mean keys of the first step. None until the first step.
+        self.keys: tuple[str, ...] | None = None
+        self._index: dict[str, int] = {}
+        # Whether the step must consult the normaliser even without a Mean in sight.
+        self.active = count_items is not None or dist.enabled
+        self._counted: torch.Tensor | None = None  # this step's counts: local, then global
+        self._local: torch.Tensor | list[float] | None = None  # count_items', this rank
+        self._work: Any = None  # the asynchronous all-reduce of `_counted`
+        self._scales: list[torch.Tensor] | None = None
+        self._seen: list[Count] = []  # the forwards' counts this step, per key
+        # Where count_items and the forwards disagreed, until `check` reports it: on the
+        # device (first step per key, inf if none), or on the host {key: (step, want, got)}.
+        self._first_bad: torch.Tensor | None = None
+        self._host_bad: dict[str, tuple[int, Any, Any]] = {}
+
+    # -- with count_items: before the first forward ---------------------------------------
+
+    def begin(self, batches: Sequence[Any], step: int) -> None:
+        """Count every micro-batch with ``count_items`` and start the all-reduce of the
+        step's counts (asynchronous: it runs while the forwards do)."""
+        assert self.count_items is not None
+        per_batch = [self._call_count_items(batch, step) for batch in batches]
+        if self.keys is None:
+            self._agree(tuple(sorted(per_batch[0])), step, from_count_items=True)
+        keys = self.keys
+        assert keys is not None
+        totals: list[Count] = []
+        for key in keys:
+            total: Count = 0
+            for counts in per_batch:
+                total = total + counts[key]
+            totals.append(total)
+        if all(not isinstance(c, torch.Tensor) for c in totals):
+            self._local = [float(c) for c in totals]
+        counted = _vector(totals, self.device)
+        if self._local is None:
+            self._local = counted.clone() if self.dist.enabled else counted
+        self._counted = counted
+        self._scales = None
+        self._seen = [0] * len(keys)
+        if self.dist.enabled:
+            self._work = self.dist.all_reduce_sum(counted, async_op=True)
+
+    def _call_count_items(self, batch: Any, step: int) -> dict[str, Count]:
+        assert self.count_items is not None
+        counts = self.count_items(batch)
+        if not isinstance(counts, dict) or not counts:
+            raise ModelOutputError(
+                f"{self.name}.count_items(batch) returned {type(counts).__name__} "
+                f"{'(empty)' if isinstance(counts, dict) else ''} at step {step}; it must "
+                "return a dict with, for each Mean term the model returns, its key and the "
+                "number of items of this batch, e.g. {'nll': (labels != -100).sum()}")
+        for key, count in counts.items():
+            if isinstance(count, bool) or not isinstance(count, (numbers.Real, torch.Tensor)):
+                raise ModelOutputError(
+                    f"{self.name}.count_items(batch) returned {type(count).__name__} for "
+                    f"{key!r} at step {step}; a count is an int, a float or a one-element "
+                    "tensor")
+            if isinstance(count, torch.Tensor) and count.numel() != 1:
+                raise ModelOutputError(
+                    f"{self.name}.count_items(batch) returned a tensor of shape "
+                    f"{tuple(count.shape)} for {key!r} at step {step}; a count is one "
+                    "number: reduce it with .sum()")
+            if not isinstance(count, torch.Tensor) and not count >= 0:
+                raise ModelOutputError(
+                    f"{self.name}.count_items(batch) returned {count} for {key!r} at step "
+                    f"{step}; a count is >= 0")
+        if self.keys is not None and set(counts) != set(self.keys):
+            raise ModelOutputError(
+                f"{self.name}.count_items(batch) returned the keys {sorted(counts)} at step "
+                f"{step}, and {list(self.keys)} before; it must return the same keys for "
+                "every batch (0 for a Mean term with nothing to count in this batch)")
+        return counts
+
+    # -- after each forward -----------------------------------------------------------------
+
+    def objective(self, plain: torch.Tensor | None, terms: dict[str, Mean] | None,
+                  n_micro: int, step: int) -> torch.Tensor | None:
+        """What this micro-batch backpropagates: its plain losses over `n_micro`, plus
+        each `Mean` term's total times its scale. None if there is nothing to train on
+        (cannot happen for a checked loss dict)."""
+        if self.keys is None and self.count_items is None:
+            # Under torchrun, the first step: agree on the Mean keys with every rank.
+            if self.dist.enabled:
+                self._agree(tuple(sorted(terms or ())), step, from_count_items=False)
+                if not self.keys:
+                    self.active = False
+            if n_micro > 1 and (terms or self.keys):
+                key = next(iter(terms)) if terms else self.keys[0]  # type: ignore[index]
+                raise ModelOutputError(self._needs_count_items(key, step, n_micro))
+        loss = None if plain is None else (plain / n_micro if n_micro > 1 else plain)
+        if not terms and not self.keys:
+            return loss
+        scales = self._step_scales(terms or {}, n_micro, step)
+        for key, term in (terms or {}).items():
+            scale = scales[key] if isinstance(scales, dict) else scales[self._index[key]]
+            total = term.total
+            part = total * (scale if total.dtype != torch.float64 else scale.double())
+            loss = part if loss is None else loss + part
+        return loss
+
+    def _step_scales(self, terms: dict[str, Mean], n_micro: int, step: int,
+                     ) -> list[torch.Tensor] | dict[str, torch.Tensor]:
+        if self.count_items is not None:  # counted before the first forward
+            for key, term in terms.items():
+                index = self._index.get(key)
+                if index is None:
+                    raise ModelOutputError(
+                        f"loss {key!r} at step {step} is a Mean, but {self.name}.count_items"
+                        f"(batch) gives no count for it (it gives {list(self.keys or ())}): "
+                        f"add {key!r} to what count_items returns")
+                self._seen[index] = self._seen[index] + term.count
+            if self._scales is None:
+                self._scales = self._scales_of(self._wait())
+            return self._scales
+        if n_micro > 1:
+            raise ModelOutputError(self._needs_count_items(next(iter(terms)), step, n_micro))
+        if not self.dist.enabled:  # one micro-batch, one process: its own counts
+            keys = list(terms)
+            scales = self._scales_of(_vector([terms[k].count for k in keys], self.device))
+            return dict(zip(keys, scales))
+        # Under torchrun: one all-reduce of the agreed keys' counts, forward to backward.
+        for key in terms:
+            if key not in self._index:
+                raise ModelOutputError(
+                    f"loss {key!r} at step {step} on rank {self.dist.rank} is a Mean, but "
+                    f"no rank returned it at the first step (the Mean keys then were "
+                    f"{list(self.keys or ()) or 'none'}). Under torchrun every rank counts "
+                    "the same Mean keys at every step, agreed at the first step: return "
+                    "every Mean term from the first step on (Mean(total, 0) when there is "
+                    f"nothing to count), or define {self.name}.count_items(batch)")
+        zero: Count = 0
+        counts = [terms[key].count if key in terms else zero for key in self.keys or ()]
+        counted = _vector(counts, self.device)
+        self.dist.all_reduce_sum(counted, async_op=False)
+        return self._scales_of(counted)
+
+    def _wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        assert self._counted is not None
+        return self._counted
+
+    def _scales_of(self, counts: torch.Tensor) -> list[torch.Tensor]:
+        """world_size / count per key, 0 where nothing was counted; float32."""
+        scales = torch.where(counts > 0, self.world / counts.clamp_min(1e-300), 0.0)
+        return list(scales.to(torch.float32).unbind())
+
+    # -- after the last backward --------------------------------------------------------------
+
+    def end_step(self, step: int, check: bool) -> None:
+        """Compare the forwards' counts with count_items' (on the host when both are
+        numbers, else on the device with no sync), and, when `check` (a flush, or
+        ``finite_check="step"``), raise if they ever differed."""
+        if self.count_items is None or self._local is None:
+            return
+        seen, local = self._seen, self._local
+        if isinstance(local, list) and all(not isinstance(c, torch.Tensor) for c in seen):
+            for key, want, got in zip(self.keys or (), local, seen):
+                if not math.isclose(want, float(got), rel_tol=1e-6, abs_tol=1e-6):
+                    self._host_bad.setdefault(key, (step, want, float(got)))
+            if self._host_bad and not self.dist.enabled:
+                self.check()
+        else:
+            expected = local if isinstance(local, torch.Tensor) else _vector(local, self.device)
+            got = _vector(seen, self.device)
+            wrong = (got - expected).abs() > 1e-6 * expected.abs().clamp_min(1.0)
+            first = torch.where(wrong, float(step), math.inf)
+            self._first_bad = first if self._first_bad is None else torch.minimum(
+                self._first_bad, first)
+        self._local = None
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Raise if count_items and the forwards' Mean counts differed at any step since
+        the last check. One sync if the counts are tensors; under torchrun every rank
+        must call it at the same step, and every rank raises together."""
+        bad = dict(self._host_bad)
+        if self._first_bad is not None:
+            for key, first in zip(self.keys or (), self._first_bad.tolist()):
+                if first != math.inf and key not in bad:
+                    bad[key] = (int(first), None, None)
+            self._first_bad = None
+        self._host_bad = {}
+        if self.dist.enabled and self.dist.any(bool(bad)) and not bad:
+            raise ModelOutputError(
+                f"{self.name}.count_items(batch) disagrees with the Mean counts of the "
+                "forward on another rank (its error names the key and the step)")
+        if bad:
+            raise ModelOutputError(self._mismatch(bad))
+
+    # -- agreement and errors -----------------------------------------------------------------
+
+    def _agree(self, keys: tuple[str, ...], step: int, from_count_items: bool) -> None:
+        if self.dist.enabled:
+            gathered = self.dist.all_gather(keys)
+            if from_count_items and any(other != keys for other in gathered):
+                raise ModelOutputError(
+                    f"{self.name}.count_items(batch) returned different keys on different "
+                    f"ranks at step {step}: "
+                    + "; ".join(f"rank {r}: {list(k)}" for r, k in enumerate(gathered))
+                    + ". Every rank must count the same Mean keys (0 for none)")
+            keys = tuple(sorted(set().union(*gathered)))
+        self.keys = keys
+        self._index = {key: i for i, key in enumerate(keys)}
+
+    def _needs_count_items(self, key: str, step: int, n_micro: int) -> str:
+        return (
+            f"loss {key!r} at step {step} is a Mean, and this step accumulates {n_micro} "
+            "micro-batches (grad_accum_steps): to divide by the step's whole count, the "
+            "counts of every micro-batch must be known before the first backward, and only "
+            f"the model can give them. Define {self.name}.count_items(batch) returning "
+            f"{{{key!r}: <number of items in batch>}} (for tokens, e.g. "
+            "(batch['labels'] != -100).sum()); it is called with each micro-batch as the "
+            "data yields it, before the step's first forward. Without it the step would "
+            "train on a mean of means, which it refuses to do")
+
+    def _mismatch(self, bad: dict[str, tuple[int, Any, Any]]) -> str:
+        parts = []
+        for key, (step, want, got) in bad.items():
+            counts = "" if want is None else f": count_items {want:g}, the forward {got:g}"
+            parts.append(f"{key!r} first at step {step}{counts}")
+        return (
+            f"{self.name}.count_items(batch) disagrees with the counts of the Mean terms "
+            f"its forward returned ({'; '.join(parts)}; summed over the step's "
+            "micro-batches). The step divides by count_items' counts, so since then it "
+            "trained on a wrong mean: make count_items count exactly the items each "
+            "Mean's total sums over")
+
+
+def _vector(values: Sequence[Count], device: torch.device) -> torch.Tensor:
+    """The counts as one float64 vector on `device` (float32 on MPS), with no host sync:
+    numbers are filled on the device, tensors copied without blocking."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        vector = torch.tensor([float(v) for v in values], dtype=dtype)
+        return vector if device.type == "cpu" else vector.to(device, non_blocking=True)
+    return torch.stack([
+        v.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+        if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=dtype, device=device)
+        for v in values])
