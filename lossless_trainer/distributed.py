@@ -501,8 +501,12 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
         tags.update(dict.fromkeys(totals))
     for tag in tags:
         mode = next((modes[tag] for _, modes in per_rank if tag in modes), "mean")
-        present = [(rank, totals[tag]) for rank, (totals, _) in zip(ranks, per_rank)
-                   if tag in totals and totals[tag][1] > 0]
+        written = [(rank, totals[tag]) for rank, (totals, _) in zip(ranks, per_rank)
+                   if tag in totals]
+        bad = [(first, rank) for rank, (_, _, first) in written if first is not None]
+        if bad:  # also from a rank that counted nothing (a Mean over 0 items)
+            nonfinite[tag] = min(bad)
+        present = [(rank, entry) for rank, entry in written if entry[1] > 0]
         if not present:
             continue
         count = sum(c for _, (_, c, _) in present)
@@ -517,9 +521,6 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
         else:
             value = means[0]
         values[tag] = (value, count)
-        bad = [(first, rank) for rank, (_, _, first) in present if first is not None]
-        if bad:
-            nonfinite[tag] = min(bad)
     return values, nonfinite
 
 

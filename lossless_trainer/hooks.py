@@ -33,7 +33,7 @@ import torch
 
 from .checkpoint import checkpoint_path, prune_checkpoints
 from .data import batch_size
-from .errors import NonFiniteLossError
+from .errors import ModelOutputError, NonFiniteLossError
 from .means import Mean
 from .state import Priority, TrainerView, logger
 from .summary import SummaryRecord
@@ -211,16 +211,22 @@ class LoggingHook(Hook):
     def after_step(self, trainer: TrainerView) -> None:
         sink = trainer.sink
         tags = self._tags
+        mean_keys = self._mean_keys
         for losses in trainer.micro_losses:
             for key, loss in losses.items():
                 tag = tags.get(key)
+                if type(loss) is Mean:  # the window's totals over its counts
+                    if key not in mean_keys:
+                        if tag is not None:
+                            _switched(key, trainer.state.step, "a Mean", "a plain tensor")
+                        mean_keys[key] = None
+                    sink.put_mean(tags.setdefault(key, f"loss/{key}"), loss.total, loss.count)
+                    continue
                 if tag is None:
                     tag = tags[key] = f"loss/{key}"
-                if type(loss) is Mean:  # the window's totals over its counts
-                    self._mean_keys[key] = None
-                    sink.put_mean(tag, loss.total, loss.count)
-                else:
-                    sink.put_scalar(tag, loss)
+                elif mean_keys and key in mean_keys:
+                    _switched(key, trainer.state.step, "a plain tensor", "a Mean")
+                sink.put_scalar(tag, loss)
         self._window_steps += 1
         self._window_micro += len(trainer.micro_losses)
         if self._samples is not None:
@@ -277,6 +283,13 @@ class LoggingHook(Hook):
         self._samples = 0 if self._samples is not None else None
         trainer.publish(record)
         _raise_if_nonfinite(record, self._tags)
+
+
+def _switched(key: str, step: int, now: str, before: str) -> None:
+    raise ModelOutputError(
+        f"loss {key!r} at step {step} is {now}, and was {before} before; a loss is always a "
+        "Mean (a sum over items, divided by the count) or always a plain mean, so that its "
+        "window value and its weight in the step stay the same kind")
 
 
 def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> None:

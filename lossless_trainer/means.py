@@ -92,6 +92,8 @@ class Mean:
 
 # torch has no public pytree registration; Hugging Face registers its outputs this way.
 pytree.register_dataclass(Mean)
+# A hook state or a checkpointed record holding a Mean loads with weights_only=True.
+torch.serialization.add_safe_globals([Mean])
 
 
 class Normaliser:
@@ -116,6 +118,8 @@ class Normaliser:
 
     def __init__(self, model: Any, dist: Any, name: str) -> None:
         count_items = getattr(model, "count_items", None)
+        if count_items is None and isinstance(getattr(model, "module", None), torch.nn.Module):
+            count_items = getattr(model.module, "count_items", None)  # a DDP the user built
         if count_items is not None and not callable(count_items):
             raise TypeError(f"{name}.count_items must be a method count_items(batch) -> "
                             f"dict of counts, got {type(count_items).__name__}")
@@ -133,7 +137,7 @@ class Normaliser:
         self._counted: torch.Tensor | None = None  # this step's counts: local, then global
         self._local: torch.Tensor | list[float] | None = None  # count_items', this rank
         self._work: Any = None  # the asynchronous all-reduce of `_counted`
-        self._scales: list[torch.Tensor] | None = None
+        self._scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._seen: list[Count] = []  # the forwards' counts this step, per key
         # Where count_items and the forwards disagreed, until `check` reports it: on the
         # device (first step per key, inf if none), or on the host {key: (step, want, got)}.
@@ -146,11 +150,18 @@ class Normaliser:
         """Count every micro-batch with ``count_items`` and start the all-reduce of the
         step's counts (asynchronous: it runs while the forwards do)."""
         assert self.count_items is not None
-        per_batch = [self._call_count_items(batch, step) for batch in batches]
+        with torch.no_grad():  # a count is a number, never part of the graph
+            per_batch = [self._call_count_items(batch, step) for batch in batches]
         if self.keys is None:
             self._agree(tuple(sorted(per_batch[0])), step, from_count_items=True)
         keys = self.keys
         assert keys is not None
+        for counts in per_batch:
+            if set(counts) != set(keys):
+                raise ModelOutputError(
+                    f"{self.name}.count_items(batch) returned the keys {sorted(counts)} at "
+                    f"step {step}, but {list(keys)} at its first call; it must return the "
+                    "same keys for every batch (0 for a Mean term with nothing to count)")
         totals: list[Count] = []
         for key in keys:
             total: Count = 0
@@ -192,11 +203,6 @@ class Normaliser:
                 raise ModelOutputError(
                     f"{self.name}.count_items(batch) returned {count} for {key!r} at step "
                     f"{step}; a count is >= 0")
-        if self.keys is not None and set(counts) != set(self.keys):
-            raise ModelOutputError(
-                f"{self.name}.count_items(batch) returned the keys {sorted(counts)} at step "
-                f"{step}, and {list(self.keys)} before; it must return the same keys for "
-                "every batch (0 for a Mean term with nothing to count in this batch)")
         return counts
 
     # -- after each forward -----------------------------------------------------------------
@@ -220,14 +226,15 @@ class Normaliser:
             return loss
         scales = self._step_scales(terms or {}, n_micro, step)
         for key, term in (terms or {}).items():
-            scale = scales[key] if isinstance(scales, dict) else scales[self._index[key]]
+            index = key if isinstance(scales[0], dict) else self._index[key]
             total = term.total
-            part = total * (scale if total.dtype != torch.float64 else scale.double())
+            part = total * scales[total.dtype == torch.float64][index]
             loss = part if loss is None else loss + part
         return loss
 
-    def _step_scales(self, terms: dict[str, Mean], n_micro: int, step: int,
-                     ) -> list[torch.Tensor] | dict[str, torch.Tensor]:
+    def _step_scales(self, terms: dict[str, Mean], n_micro: int, step: int) -> Any:
+        """The scales of this step, ``(float32, float64)``: each a list by key index, or
+        for a single process without count_items a dict by key."""
         if self.count_items is not None:  # counted before the first forward
             for key, term in terms.items():
                 index = self._index.get(key)
@@ -244,8 +251,9 @@ class Normaliser:
             raise ModelOutputError(self._needs_count_items(next(iter(terms)), step, n_micro))
         if not self.dist.enabled:  # one micro-batch, one process: its own counts
             keys = list(terms)
-            scales = self._scales_of(_vector([terms[k].count for k in keys], self.device))
-            return dict(zip(keys, scales))
+            single, double = self._scales_of(_vector([terms[k].count for k in keys],
+                                                     self.device))
+            return dict(zip(keys, single)), dict(zip(keys, double))
         # Under torchrun: one all-reduce of the agreed keys' counts, forward to backward.
         for key in terms:
             if key not in self._index:
@@ -269,10 +277,13 @@ class Normaliser:
         assert self._counted is not None
         return self._counted
 
-    def _scales_of(self, counts: torch.Tensor) -> list[torch.Tensor]:
-        """world_size / count per key, 0 where nothing was counted; float32."""
-        scales = torch.where(counts > 0, self.world / counts.clamp_min(1e-300), 0.0)
-        return list(scales.to(torch.float32).unbind())
+    def _scales_of(self, counts: torch.Tensor,
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """world_size / count per key, in float32 and in float64: 0 where nothing was
+        counted, NaN where a count is negative or NaN (so the loss shows it)."""
+        scales = torch.where(counts > 0, self.world / counts.clamp_min(1e-300),
+                             torch.where(counts == 0, 0.0, math.nan))
+        return list(scales.to(torch.float32).unbind()), list(scales.unbind())
 
     # -- after the last backward --------------------------------------------------------------
 
@@ -303,7 +314,10 @@ class Normaliser:
     def check(self) -> None:
         """Raise if count_items and the forwards' Mean counts differed at any step since
         the last check. One sync if the counts are tensors; under torchrun every rank
-        must call it at the same step, and every rank raises together."""
+        must call it at the same step (a flush, a checkpoint, the end of `fit`), and
+        every rank raises together. Nothing to do without count_items."""
+        if self.count_items is None:
+            return
         bad = dict(self._host_bad)
         if self._first_bad is not None:
             for key, first in zip(self.keys or (), self._first_bad.tolist()):
@@ -317,6 +331,20 @@ class Normaliser:
                 "forward on another rank (its error names the key and the step)")
         if bad:
             raise ModelOutputError(self._mismatch(bad))
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The agreed Mean keys, so a resumed run counts what the uninterrupted one did."""
+        return {"keys": None if self.keys is None else list(self.keys)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the agreed keys (count_items' are agreed afresh: it defines them)."""
+        if self.count_items is not None or state.get("keys") is None:
+            return
+        self.keys = tuple(state["keys"])
+        self._index = {key: i for i, key in enumerate(self.keys)}
+        self.active = bool(self.keys)
 
     # -- agreement and errors -----------------------------------------------------------------
 

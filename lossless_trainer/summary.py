@@ -293,17 +293,7 @@ class SummarySink:
             window = self._scalars[tag] = _ScalarWindow()
         elif window.weights is not None:
             _mixed(tag)
-        if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
-            # `.data` is `.detach()` without the round trip through the dispatcher.
-            value = value.detach().clone() if value.is_leaf else value.data
-        else:
-            try:
-                modified = value._version
-            except RuntimeError:  # an inference tensor: it has no version counter
-                modified = 0
-            if modified:
-                value = value.clone()
-        window.values.append(value)
+        window.values.append(_kept(value))
         window.steps.append(self.step)
         if len(window.values) >= _FOLD_AT:
             window.fold()
@@ -321,8 +311,7 @@ class SummarySink:
             if total.numel() != 1:
                 raise ValueError(f"write_summary({tag!r}, Mean(total, count)): total must be "
                                  f"one number, got shape {tuple(total.shape)}")
-            window.values.append(total.detach().reshape(()) if total.requires_grad or total.ndim
-                                 else total)
+            window.values.append(_kept(total.reshape(()) if total.ndim else total))
             window.steps.append(self.step)
             if len(window.values) >= _FOLD_AT:
                 window.fold()
@@ -330,7 +319,7 @@ class SummarySink:
             window.add_number(float(total), self.step)
             window.py_count -= 1  # add_number counted one value; the count is added below
         if isinstance(count, torch.Tensor):
-            window.weights.append(count.reshape(()) if count.ndim else count)  # type: ignore[union-attr]
+            window.weights.append(_kept(count.reshape(()) if count.ndim else count))  # type: ignore[union-attr]
             if len(window.weights) >= _FOLD_AT:  # type: ignore[arg-type]
                 window.fold_weights()
         else:
@@ -344,6 +333,11 @@ class SummarySink:
         if type(value) is Mean:
             if kind not in (None, "scalar"):
                 raise ValueError(f"write_summary({tag!r}): a Mean is a scalar, not {kind!r}")
+            if reduce != "mean":
+                raise ValueError(
+                    f"write_summary({tag!r}, Mean(...), reduce={reduce!r}): a Mean is pooled "
+                    "over ranks (all totals over all counts); log total and count apart to "
+                    "combine them another way")
             self.put_mean(tag, value.total, value.count)
             return
         if kind is None:
@@ -421,12 +415,11 @@ class SummarySink:
         if self.reducer is None:
             record.shared = [share]
             for tag, (total, count, first_bad) in totals.items():
-                if not count:  # a Mean with nothing counted in the window has no value
-                    continue
-                record.scalars[tag] = total / count
-                record.counts[tag] = count
                 if first_bad is not None:
                     record.nonfinite[tag] = first_bad
+                if count:  # a Mean with nothing counted in the window has no value
+                    record.scalars[tag] = total / count
+                    record.counts[tag] = count
         else:
             values, nonfinite, record.shared = self.reducer(totals, self._modes, share)
             for tag, (value, count) in values.items():
@@ -449,7 +442,8 @@ class SummarySink:
         """Sum, count and first non-finite step of every pending scalar tag. The count
         is the number of values, or for a weighted tag (`put_mean`) the sum of counts."""
         stacks: dict[torch.device, list[torch.Tensor]] = {}
-        weight_stacks: dict[torch.device, list[torch.Tensor]] = {}
+        # Counts stack by dtype too: int64 token counts stay exact past float32's 2**24.
+        weight_stacks: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int,
                          list[torch.Tensor] | None, int]] = []
         for tag, window in self._scalars.items():
@@ -465,7 +459,8 @@ class SummarySink:
             if weights is not None and window.weight_total is not None:
                 weights = [*weights, window.weight_total]
             if weights:
-                weight_stack = weight_stacks.setdefault(weights[0].device, [])
+                weight_stack = weight_stacks.setdefault((weights[0].device, weights[0].dtype),
+                                                        [])
                 weight_start = len(weight_stack)
                 weight_stack.extend(weights)
             plan.append((tag, window, stack, start or 0, weight_stack, weight_start or 0))
@@ -501,6 +496,8 @@ class SummarySink:
                 for weight in host[id(weight_stack)][weight_start:weight_start + len(
                         window.weights or ()) + (window.weight_total is not None)]:
                     count += weight
+            if window.weights is not None and not count >= 0 and window.steps:
+                bad_steps.append(window.steps[0])  # a NaN or negative count: flag the window
             totals[tag] = (total, count, min(bad_steps) if bad_steps else None)
         return totals
 
@@ -533,6 +530,20 @@ class SummarySink:
 # {tag: mode}, share) -> ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
 Reducer = Callable[[dict[str, tuple[float, float, "int | None"]], dict[str, str], Any],
                    tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]], list[Any]]]
+
+
+def _kept(value: torch.Tensor) -> torch.Tensor:
+    """`value` as a window keeps it: by reference (no copy, no sync) unless it looks like
+    state that will change in place (a parameter, or a tensor already modified in place,
+    such as an updated buffer), which is cloned so the window keeps this step's value."""
+    if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
+        # `.data` is `.detach()` without the round trip through the dispatcher.
+        return value.detach().clone() if value.is_leaf else value.data
+    try:
+        modified = value._version
+    except RuntimeError:  # an inference tensor: it has no version counter
+        return value
+    return value.clone() if modified else value
 
 
 def _mixed(tag: str) -> None:

@@ -322,6 +322,7 @@ class Trainer:
                             break  # the epoch stays open: a later fit continues it
                     else:
                         self._end_epoch()
+                self._means.check()  # what the count check found since the last flush
             except BaseException as exc:
                 self._fail(exc)
                 raise
@@ -675,6 +676,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "precision": self.precision.state_dict(),
+            "means": self._means.state_dict(),
             **per_rank,
         }
         if self.dist.enabled:
@@ -697,6 +699,7 @@ class Trainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.precision.load_state_dict(state["precision"])
+        self._means.load_state_dict(state.get("means", {}))
         counters = state["trainer"]
         self.state = TrainState(step=counters["step"], epoch=counters["epoch"],
                                 batch_in_epoch=counters["batch_in_epoch"])
@@ -714,6 +717,7 @@ class Trainer:
         """
         if self.writers is not None:  # rank 0's; a background error is raised on every rank
             self.dist.on_main(self.writers.flush)
+        self._means.check()  # a checkpoint does not carry a miscount past its step
         state = self.state_dict()
         # Rank 0 writes; the others wait for its result, and raise its error if it fails.
         self.dist.on_main(lambda: save_atomic(state, os.fspath(path)))

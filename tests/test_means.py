@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from conftest import TinyLM, UncountedLM, lm_batches, lm_sequences, read_metrics
 
-from lossless_trainer import Hook, Mean, Model, ModelOutputError, Trainer, write_summary
+from lossless_trainer import (
+    Hook,
+    Mean,
+    Model,
+    ModelOutputError,
+    NonFiniteLossError,
+    Trainer,
+    write_summary,
+)
 from lossless_trainer.means import Normaliser
 from lossless_trainer.summary import SummarySink
 
@@ -205,7 +213,7 @@ def test_count_items_keys_must_not_change(tmp_path):
             return counts if Changing.calls < 6 else {**counts, "other": 0}
 
     with pytest.raises(ModelOutputError, match=r"returned the keys \['nll', 'other'\] at step "
-                                               r"2, and \['nll'\] before"):
+                                               r"2, but \['nll'\] at its first call"):
         fit_lm(tmp_path, Changing)
 
 
@@ -396,3 +404,121 @@ def test_count_items_keys_must_agree_across_ranks():
     with pytest.raises(ModelOutputError, match=r"different keys on different ranks at step 1: "
                                                r"rank 0: \['nll'\]; rank 1: \['nll', 'other'\]"):
         means.begin([batch], step=1)
+
+
+def test_a_miscount_in_the_last_window_is_raised_when_fit_ends(tmp_path):
+    """Data without a length: no step is known to be the last, so the last window is
+    flushed by the logging hook after the loop, and the count check runs there too."""
+    sequences = lm_sequences(24)
+    torch.manual_seed(0)
+    trainer = Trainer(MiscountedLM(), (b for b in lm_batches(sequences, 2)),
+                      grad_accum_steps=4, log_every=100, log_dir=str(tmp_path),
+                      progress=False, keep_last=0)
+    with pytest.raises(ModelOutputError, match="MiscountedLM.count_items.*disagrees"):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+def test_a_nan_or_negative_count_is_reported_not_dropped(tmp_path, bad):
+    class BadCount(UncountedLM):
+        def forward(self, batch):
+            losses = super().forward(batch)
+            if self.training:
+                losses["nll"] = Mean(losses["nll"].total, losses["nll"].count * bad)
+            return losses
+
+    with pytest.raises(NonFiniteLossError, match="'nll' first at step 1"):
+        fit_lm(tmp_path, BadCount, batch=8, accum=1, log_every=2)
+
+
+def test_a_nan_total_over_zero_items_is_named(tmp_path):
+    class Empty(UncountedLM):
+        def forward(self, batch):
+            losses = super().forward(batch)
+            if self.training:
+                losses["z"] = Mean(losses["nll"].total * math.nan, 0)
+            return losses
+
+    with pytest.raises(NonFiniteLossError, match="'z' first at step 1"):
+        fit_lm(tmp_path, Empty, batch=8, accum=1, log_every=2)
+
+
+def test_float64_models_stay_exact_in_float64(tmp_path):
+    sequences = lm_sequences(8 * STEPS)
+    torch.set_default_dtype(torch.float64)
+    try:
+        reference = big_batch_reference(sequences)
+        ours, _ = fit_lm(tmp_path)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, q, atol=1e-12, rtol=0)
+
+
+def test_count_items_keys_must_agree_within_the_first_step(tmp_path):
+    class Partial(TinyLM):
+        calls = 0
+
+        def count_items(self, batch):
+            Partial.calls += 1
+            return super().count_items(batch) if Partial.calls != 2 else {"other": 1}
+
+    with pytest.raises(ModelOutputError, match=r"returned the keys \['other'\] at step 1, but "
+                                               r"\['nll'\] at its first call"):
+        fit_lm(tmp_path, Partial)
+
+
+def test_counts_from_count_items_need_no_detach(tmp_path):
+    class Traced(TinyLM):
+        def count_items(self, batch):  # a count that touches a parameter
+            return {"nll": (batch["labels"] != -100).sum() + 0 * self.out.bias.sum()}
+
+    reference = big_batch_reference(lm_sequences(8 * STEPS))
+    ours, _ = fit_lm(tmp_path, Traced)
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+def test_the_agreed_keys_travel_with_a_checkpoint():
+    means = Normaliser(UncountedLM(), FakeRanks(("aux",)), "LM")
+    means.objective(None, {"nll": Mean(torch.tensor(1.0, requires_grad=True), 2)}, 1, 1)
+    resumed = Normaliser(UncountedLM(), FakeRanks(()), "LM")
+    resumed.load_state_dict(means.state_dict())
+    assert resumed.keys == ("aux", "nll") and resumed.active
+
+
+def test_the_sink_keeps_big_counts_exact_and_in_place_totals_by_value():
+    sink = SummarySink()
+    sink.put_mean("tokens", torch.tensor(1.0), torch.tensor(2 ** 25 + 1))
+    sink.put_mean("other", torch.tensor(1.0), torch.tensor(2.0))  # a float count, same device
+    buffer, count = torch.zeros(()), torch.zeros(())
+    for i in (1.0, 2.0, 2.0):
+        buffer += i
+        count += 1
+        sink.put_mean("running", buffer, count)  # updated in place: kept by value
+    record = sink.flush()
+    assert record.counts["tokens"] == 2 ** 25 + 1
+    assert record.scalars["running"] == pytest.approx((1 + 3 + 5) / (1 + 2 + 3))
+
+
+def test_a_mean_summary_is_pooled_and_only_pooled():
+    sink = SummarySink()
+    with sink.activate(), pytest.raises(ValueError, match="a Mean is pooled over ranks"):
+        write_summary("acc", Mean(1.0, 2), reduce="sum")
+
+
+def test_a_loss_is_always_a_mean_or_always_plain(tmp_path):
+    class Switching(UncountedLM):
+        calls = 0
+
+        def forward(self, batch):
+            losses = super().forward(batch)
+            Switching.calls += 1
+            if self.training and Switching.calls == 2:
+                losses["nll"] = losses["nll"].value
+            return losses
+
+    with pytest.raises(ModelOutputError, match="'nll' at step 2 is a plain tensor, and was a "
+                                               "Mean before"):
+        fit_lm(tmp_path, Switching, batch=8, accum=1)
