@@ -33,6 +33,9 @@ __all__ = ["Mean", "Normaliser"]
 
 Count = int | float | torch.Tensor
 
+# What the count check keeps between two checks is summed every this many steps.
+_FOLD_AT = 256
+
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Mean:
@@ -106,9 +109,9 @@ class Normaliser:
 
     Who calls what: the trainer's step calls `begin` before the first forward when the
     model has ``count_items``, `objective` after each forward that returned a `Mean` (or
-    whenever `active`), and `end_step` after the last backward. A model without `Mean`
-    terms never reaches it on a single process; under torchrun `objective` runs once,
-    at the first step, to agree that no rank has any.
+    whenever `active`), and `check` at flushes, checkpoints and the end of `fit`. A
+    model without `Mean` terms never reaches it on a single process; under torchrun
+    `objective` runs once, at the first step, to agree that no rank has any.
 
     Args:
         model: The user's model; its ``count_items(batch)``, if it has one, is used.
@@ -135,14 +138,19 @@ class Normaliser:
         # Whether the step must consult the normaliser even without a Mean in sight.
         self.active = count_items is not None or dist.enabled
         self._counted: torch.Tensor | None = None  # this step's counts: local, then global
-        self._local: torch.Tensor | list[float] | None = None  # count_items', this rank
         self._work: Any = None  # the asynchronous all-reduce of `_counted`
-        self._scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._seen: list[Count] = []  # the forwards' counts this step, per key
-        # Where count_items and the forwards disagreed, until `check` reports it: on the
-        # device (first step per key, inf if none), or on the host {key: (step, want, got)}.
-        self._first_bad: torch.Tensor | None = None
-        self._host_bad: dict[str, tuple[int, Any, Any]] = {}
+        # This step's scales by key index: for float32 (and reduced precision) totals,
+        # and for float64 ones. Python floats when the counts were on the host.
+        self._ready = False
+        self._scales32: list[torch.Tensor | float] = []
+        self._scales64: list[torch.Tensor | float] | None = None
+        self._vector64: torch.Tensor | None = None
+        # What `check` compares, kept since the last check at no per-step device cost:
+        # count_items' counts of every step (vectors by key index), the forwards' counts
+        # by key index, and the steps they span.
+        self._expected: list[torch.Tensor | list[float]] = []
+        self._seen: list[list[Count]] = []
+        self._window: tuple[int, int] | None = None
 
     # -- with count_items: before the first forward ---------------------------------------
 
@@ -162,22 +170,25 @@ class Normaliser:
                     f"{self.name}.count_items(batch) returned the keys {sorted(counts)} at "
                     f"step {step}, but {list(keys)} at its first call; it must return the "
                     "same keys for every batch (0 for a Mean term with nothing to count)")
-        totals: list[Count] = []
-        for key in keys:
-            total: Count = 0
-            for counts in per_batch:
-                total = total + counts[key]
-            totals.append(total)
-        if all(not isinstance(c, torch.Tensor) for c in totals):
-            self._local = [float(c) for c in totals]
-        counted = _vector(totals, self.device)
-        if self._local is None:
-            self._local = counted.clone() if self.dist.enabled else counted
-        self._counted = counted
-        self._scales = None
-        self._seen = [0] * len(keys)
+        flat = [counts[key] for counts in per_batch for key in keys]
+        host = _on_host(flat)
+        if host is not None:  # counted on the host (numbers, CPU tensors): no device op
+            local = [math.fsum(host[i::len(keys)]) for i in range(len(keys))]
+            self._expected.append(local)
+            counted = _vector(local, self.device) if self.dist.enabled else None
+        else:  # counted on the device
+            counted = _vector(flat, self.device)
+            if len(per_batch) > 1:
+                counted = counted.view(len(per_batch), len(keys)).sum(0)
+            self._expected.append(counted.clone() if self.dist.enabled else counted)
+        self._window = (self._window or (step, step))[0], step
+        if len(self._expected) >= _FOLD_AT:
+            self._fold()
         if self.dist.enabled:
+            self._counted, self._ready = counted, False
             self._work = self.dist.all_reduce_sum(counted, async_op=True)
+        else:
+            self._set_scales(local if counted is None else counted)
 
     def _call_count_items(self, batch: Any, step: int) -> dict[str, Count]:
         assert self.count_items is not None
@@ -189,6 +200,8 @@ class Normaliser:
                 "return a dict with, for each Mean term the model returns, its key and the "
                 "number of items of this batch, e.g. {'nll': (labels != -100).sum()}")
         for key, count in counts.items():
+            if type(count) is torch.Tensor and count.ndim == 0:
+                continue  # the common case, in one test
             if isinstance(count, bool) or not isinstance(count, (numbers.Real, torch.Tensor)):
                 raise ModelOutputError(
                     f"{self.name}.count_items(batch) returned {type(count).__name__} for "
@@ -224,36 +237,46 @@ class Normaliser:
         loss = None if plain is None else (plain / n_micro if n_micro > 1 else plain)
         if not terms and not self.keys:
             return loss
-        scales = self._step_scales(terms or {}, n_micro, step)
+        index = self._step_scales(terms or {}, n_micro, step)
         for key, term in (terms or {}).items():
-            index = key if isinstance(scales[0], dict) else self._index[key]
             total = term.total
-            part = total * scales[total.dtype == torch.float64][index]
+            if total.dtype == torch.float64:  # a float64 model keeps float64 scales
+                if self._scales64 is None:
+                    self._scales64 = list(self._vector64.unbind())  # type: ignore[union-attr]
+                scale = self._scales64[index[key]]
+            else:
+                scale = self._scales32[index[key]]
+                if type(scale) is float and total.dtype != torch.float32:
+                    total = total.float()  # a bf16/fp16 total times a number stays bf16
+            part = total * scale
             loss = part if loss is None else loss + part
         return loss
 
-    def _step_scales(self, terms: dict[str, Mean], n_micro: int, step: int) -> Any:
-        """The scales of this step, ``(float32, float64)``: each a list by key index, or
-        for a single process without count_items a dict by key."""
+    def _step_scales(self, terms: dict[str, Mean], n_micro: int, step: int,
+                     ) -> dict[str, int]:
+        """Set this step's scales (once per step with count_items) and return where each
+        term's is: its index in them."""
         if self.count_items is not None:  # counted before the first forward
+            seen, index = self._seen, self._index
             for key, term in terms.items():
-                index = self._index.get(key)
-                if index is None:
+                i = index.get(key)
+                if i is None:
                     raise ModelOutputError(
                         f"loss {key!r} at step {step} is a Mean, but {self.name}.count_items"
                         f"(batch) gives no count for it (it gives {list(self.keys or ())}): "
                         f"add {key!r} to what count_items returns")
-                self._seen[index] = self._seen[index] + term.count
-            if self._scales is None:
-                self._scales = self._scales_of(self._wait())
-            return self._scales
+                seen[i].append(term.count)
+            if not self._ready:
+                self._set_scales(self._wait())
+            return index
         if n_micro > 1:
             raise ModelOutputError(self._needs_count_items(next(iter(terms)), step, n_micro))
         if not self.dist.enabled:  # one micro-batch, one process: its own counts
             keys = list(terms)
-            single, double = self._scales_of(_vector([terms[k].count for k in keys],
-                                                     self.device))
-            return dict(zip(keys, single)), dict(zip(keys, double))
+            counts = [terms[k].count for k in keys]
+            host = _on_host(counts)
+            self._set_scales(_vector(counts, self.device) if host is None else host)
+            return {key: i for i, key in enumerate(keys)}
         # Under torchrun: one all-reduce of the agreed keys' counts, forward to backward.
         for key in terms:
             if key not in self._index:
@@ -268,7 +291,8 @@ class Normaliser:
         counts = [terms[key].count if key in terms else zero for key in self.keys or ()]
         counted = _vector(counts, self.device)
         self.dist.all_reduce_sum(counted, async_op=False)
-        return self._scales_of(counted)
+        self._set_scales(counted)
+        return self._index
 
     def _wait(self) -> torch.Tensor:
         if self._work is not None:
@@ -277,60 +301,62 @@ class Normaliser:
         assert self._counted is not None
         return self._counted
 
-    def _scales_of(self, counts: torch.Tensor,
-                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """world_size / count per key, in float32 and in float64: 0 where nothing was
-        counted, NaN where a count is negative or NaN (so the loss shows it)."""
-        scales = torch.where(counts > 0, self.world / counts.clamp_min(1e-300),
-                             torch.where(counts == 0, 0.0, math.nan))
-        return list(scales.to(torch.float32).unbind()), list(scales.unbind())
+    def _set_scales(self, counts: torch.Tensor | list[float]) -> None:
+        """world_size / count per key, as this step's scales. Counts on the host (or in
+        a CPU tensor, read at no device cost) give Python floats, exact for any dtype.
+        Counts on the device give tensors, float32 and float64 (on demand), with no
+        sync. A count of 0 adds nothing of a total of 0; a NaN or negative count makes
+        the loss NaN or wrong, and the flush names its key."""
+        if isinstance(counts, torch.Tensor) and counts.device.type == "cpu":
+            counts = counts.tolist()
+        if isinstance(counts, list):
+            self._scales32 = self._scales64 = [self.world / c if c else 0.0 for c in counts]
+            self._vector64 = None
+        else:
+            self._vector64 = self.world / counts.clamp_min(1e-30)
+            self._scales32 = list(self._vector64.to(torch.float32).unbind())
+            self._scales64 = None
+        self._ready = True
 
     # -- after the last backward --------------------------------------------------------------
 
-    def end_step(self, step: int, check: bool) -> None:
-        """Compare the forwards' counts with count_items' (on the host when both are
-        numbers, else on the device with no sync), and, when `check` (a flush, or
-        ``finite_check="step"``), raise if they ever differed."""
-        if self.count_items is None or self._local is None:
-            return
-        seen, local = self._seen, self._local
-        if isinstance(local, list) and all(not isinstance(c, torch.Tensor) for c in seen):
-            for key, want, got in zip(self.keys or (), local, seen):
-                if not math.isclose(want, float(got), rel_tol=1e-6, abs_tol=1e-6):
-                    self._host_bad.setdefault(key, (step, want, float(got)))
-            if self._host_bad and not self.dist.enabled:
-                self.check()
-        else:
-            expected = local if isinstance(local, torch.Tensor) else _vector(local, self.device)
-            got = _vector(seen, self.device)
-            wrong = (got - expected).abs() > 1e-6 * expected.abs().clamp_min(1.0)
-            first = torch.where(wrong, float(step), math.inf)
-            self._first_bad = first if self._first_bad is None else torch.minimum(
-                self._first_bad, first)
-        self._local = None
-        if check:
-            self.check()
-
     def check(self) -> None:
-        """Raise if count_items and the forwards' Mean counts differed at any step since
-        the last check. One sync if the counts are tensors; under torchrun every rank
+        """Raise if the forwards' Mean counts differ from what count_items said, summed
+        over the steps since the last check. One device read; under torchrun every rank
         must call it at the same step (a flush, a checkpoint, the end of `fit`), and
         every rank raises together. Nothing to do without count_items."""
-        if self.count_items is None:
+        if self.count_items is None or self.keys is None:
             return
-        bad = dict(self._host_bad)
-        if self._first_bad is not None:
-            for key, first in zip(self.keys or (), self._first_bad.tolist()):
-                if first != math.inf and key not in bad:
-                    bad[key] = (int(first), None, None)
-            self._first_bad = None
-        self._host_bad = {}
+        window, self._window = self._window, None
+        bad: dict[str, tuple[float, float]] = {}
+        if window is not None:
+            self._fold()
+            want, got = torch.stack([self._expected[0],  # type: ignore[list-item]
+                                     _vector([c[0] for c in self._seen], self.device)]
+                                    ).tolist()
+            bad = {key: (w, g) for key, w, g in zip(self.keys, want, got)
+                   if not math.isclose(w, g, rel_tol=1e-6, abs_tol=1e-6)}
+            self._expected, self._seen = [], [[] for _ in self.keys]
         if self.dist.enabled and self.dist.any(bool(bad)) and not bad:
             raise ModelOutputError(
                 f"{self.name}.count_items(batch) disagrees with the Mean counts of the "
-                "forward on another rank (its error names the key and the step)")
+                "forward on another rank (its error names the key and the steps)")
         if bad:
-            raise ModelOutputError(self._mismatch(bad))
+            assert window is not None
+            raise ModelOutputError(self._mismatch(bad, window))
+
+    def _fold(self) -> None:
+        """Sum what `check` compares into one entry each (a vector of count_items'
+        counts, one count per key of the forwards'), so memory stays bounded."""
+        keys = self.keys or ()
+        numbers = [e for e in self._expected if isinstance(e, list)]
+        tensors = [e for e in self._expected if isinstance(e, torch.Tensor)]
+        expected = _vector([math.fsum(column) for column in zip(*numbers)] if numbers
+                           else [0.0] * len(keys), self.device)
+        if tensors:
+            expected = expected + torch.stack(tensors).to(expected.dtype).sum(0)
+        self._expected = [expected]
+        self._seen = [[_sum(counts, self.device)] for counts in self._seen]
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -344,6 +370,7 @@ class Normaliser:
             return
         self.keys = tuple(state["keys"])
         self._index = {key: i for i, key in enumerate(self.keys)}
+        self._seen = [[] for _ in self.keys]
         self.active = bool(self.keys)
 
     # -- agreement and errors -----------------------------------------------------------------
@@ -360,6 +387,7 @@ class Normaliser:
             keys = tuple(sorted(set().union(*gathered)))
         self.keys = keys
         self._index = {key: i for i, key in enumerate(keys)}
+        self._seen = [[] for _ in keys]
 
     def _needs_count_items(self, key: str, step: int, n_micro: int) -> str:
         return (
@@ -372,26 +400,54 @@ class Normaliser:
             "data yields it, before the step's first forward. Without it the step would "
             "train on a mean of means, which it refuses to do")
 
-    def _mismatch(self, bad: dict[str, tuple[int, Any, Any]]) -> str:
-        parts = []
-        for key, (step, want, got) in bad.items():
-            counts = "" if want is None else f": count_items {want:g}, the forward {got:g}"
-            parts.append(f"{key!r} first at step {step}{counts}")
+    def _mismatch(self, bad: dict[str, tuple[float, float]], window: tuple[int, int]) -> str:
+        steps = f"step {window[0]}" if window[0] == window[1] else \
+            f"steps {window[0]} to {window[1]}"
+        counts = "; ".join(f"{key!r}: count_items counted {want:g}, the forward's Means "
+                           f"{got:g}" for key, (want, got) in bad.items())
         return (
             f"{self.name}.count_items(batch) disagrees with the counts of the Mean terms "
-            f"its forward returned ({'; '.join(parts)}; summed over the step's "
-            "micro-batches). The step divides by count_items' counts, so since then it "
-            "trained on a wrong mean: make count_items count exactly the items each "
-            "Mean's total sums over")
+            f"its forward returned, over {steps} ({counts}). The steps divided by "
+            "count_items' counts, so they trained on a wrong mean: make count_items count "
+            "exactly the items each Mean's total sums over")
+
+
+def _on_host(counts: Sequence[Count]) -> list[float] | None:
+    """The counts as numbers if none lives on an accelerator (reading a CPU tensor waits
+    for nothing), else None."""
+    values: list[float] = []
+    for count in counts:
+        if isinstance(count, torch.Tensor):
+            if count.device.type != "cpu":
+                return None
+            values.append(count.item())
+        else:
+            values.append(float(count))
+    return values
+
+
+def _sum(counts: Sequence[Count], device: torch.device) -> Count:
+    """The sum of numbers and one-element tensors, without a sync."""
+    total: Count = math.fsum(float(c) for c in counts if not isinstance(c, torch.Tensor))
+    tensors = [c.reshape(()).to(device) for c in counts if isinstance(c, torch.Tensor)]
+    if tensors:
+        total = torch.stack(tensors).to(torch.float64 if device.type != "mps"
+                                        else torch.float32).sum() + total
+    return total
 
 
 def _vector(values: Sequence[Count], device: torch.device) -> torch.Tensor:
     """The counts as one float64 vector on `device` (float32 on MPS), with no host sync:
     numbers are filled on the device, tensors copied without blocking."""
     dtype = torch.float32 if device.type == "mps" else torch.float64
-    if not any(isinstance(v, torch.Tensor) for v in values):
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
         vector = torch.tensor([float(v) for v in values], dtype=dtype)
         return vector if device.type == "cpu" else vector.to(device, non_blocking=True)
+    if len(tensors) == len(values) and all(t.device == tensors[0].device for t in tensors):
+        # The common case, in two operations: counts computed on one device.
+        stacked = torch.stack([t if t.ndim == 0 else t.reshape(()) for t in tensors])
+        return stacked.to(device=device, dtype=dtype, non_blocking=True)
     return torch.stack([
         v.reshape(()).to(device=device, dtype=dtype, non_blocking=True)
         if isinstance(v, torch.Tensor) else torch.full((), float(v), dtype=dtype, device=device)

@@ -244,7 +244,7 @@ class Trainer:
         self.micro_batches: Sequence[Any] = ()
         self.losses: dict[str, torch.Tensor | Mean] = {}
         self.micro_losses: list[dict[str, torch.Tensor | Mean]] = []
-        self.total_loss: torch.Tensor | None = None
+        self._last_total: tuple[torch.Tensor | None, dict[str, Any]] | None = None
         self.last_summary: SummaryRecord | None = None
         self.last_eval: dict[str, float] | None = None
         # Set by fit: the open writers, the checkpoint resumed from, the error it raises.
@@ -263,6 +263,19 @@ class Trainer:
     @data.setter
     def data(self, data: Iterable[Any]) -> None:
         self.cursor.data = data
+
+    @property
+    def total_loss(self) -> torch.Tensor | None:
+        """The sum of the last micro-batch's losses, a `Mean` counted as its batch mean
+        (``total / count``): a device tensor, not synced. Summed when read, so a step
+        with `Mean` terms pays nothing for it."""
+        if self._last_total is None:
+            return None
+        total, losses = self._last_total
+        for loss in losses.values():
+            if type(loss) is Mean:
+                total = loss.value if total is None else total + loss.value
+        return total
 
     @property
     def total_steps(self) -> int | None:
@@ -509,8 +522,8 @@ class Trainer:
             else:
                 losses, total = self._forward_backward(batch, step, count, means)
             per_batch.append(losses)
-        if means is not None:
-            means.end_step(step, check=self.sink.flush_due or self.finite_check == "step")
+        if means is not None and (self.sink.flush_due or self.finite_check == "step"):
+            means.check()  # count_items against the forwards' counts: one read per flush
         precision = self.precision
         precision.unscale(self.optimizer)
         for hook in self._after_backward:
@@ -521,14 +534,14 @@ class Trainer:
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.total_loss = total
+        self._last_total = (total, per_batch[-1])
         return per_batch
 
     def _forward_backward(self, batch: Any, step: int, count: int, means: Normaliser | None,
-                          ) -> tuple[dict[str, Any], torch.Tensor]:
-        """One micro-batch of `count`: the model's checked losses and their sum (a `Mean`
-        term counted as its own batch mean), whose gradient (plain losses scaled by
-        1/count, `Mean` terms by the step's count) is added to the parameters' ``.grad``."""
+                          ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """One micro-batch of `count`: the model's checked losses and the sum of the plain
+        ones; the gradient (plain losses scaled by 1/count, `Mean` terms by the step's
+        count) is added to the parameters' ``.grad``."""
         batch = move_to_device(batch, self.device)
         precision = self.precision
         try:
@@ -554,8 +567,6 @@ class Trainer:
             precision.backward(total / count if count > 1 else total)
             return losses, total
         objective = self._means.objective(total, terms, count, step)
-        for term in (terms or {}).values():  # reported: each term as its batch's mean
-            total = term.value if total is None else total + term.value
         if self.finite_check == "step":
             self._check_finite(losses, objective)
         precision.backward(objective)
