@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lossless_trainer import Model, Trainer, write_summary
+from lossless_trainer import Mean, Model, Trainer, write_summary
 from lossless_trainer.summary import summaries_off
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -106,6 +106,25 @@ class MLP(Model):
             return logits
         write_summary("logits/abs_mean", logits.detach().abs().mean())
         return {"ce": F.cross_entropy(logits, y)}
+
+
+class MeanMLP(MLP):
+    """`MLP` whose loss is an exact mean over a varying number of rows: rows of class 0
+    count as padding, so each batch's loss is ``Mean(summed cross-entropy of the other
+    rows, their number)``, and `count_items` gives that number before the forward."""
+
+    def forward(self, batch: Batch) -> dict[str, Any] | torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        if not self.training:
+            return logits
+        write_summary("logits/abs_mean", logits.detach().abs().mean())
+        real = y != 0
+        nll = F.cross_entropy(logits, y.masked_fill(~real, -100), reduction="sum")
+        return {"ce": Mean(nll, real.sum())}
+
+    def count_items(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"ce": (batch[1] != 0).sum()}
 
 
 def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -155,6 +174,24 @@ def raw_loop_accumulate(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
 
 
+def raw_loop_mean_accumulate(model: nn.Module, optimizer: torch.optim.Optimizer,
+                             batches: Sequence[Batch], every: int = 4) -> None:
+    """The careful hand-written loop for `MeanMLP` under accumulation: count the step's
+    real rows first, then backpropagate each micro-batch's summed loss times one over
+    that count (the reciprocal taken in float64, as the Trainer does)."""
+    for start in range(0, len(batches), every):
+        group = batches[start:start + every]
+        count: Any = 0
+        for batch in group:
+            count = count + model.count_items(batch)["ce"]
+        scale = (1.0 / count.double()).float()
+        for batch in group:
+            mean = model(batch)["ce"]
+            (mean.total * scale).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark configuration.
@@ -173,6 +210,7 @@ class Case:
             memory bounded for the larger cases.
         trainer_kwargs: Extra `Trainer` options for this case.
         raw: The raw loop matching those options.
+        model: The model class, built with `dims`.
     """
 
     name: str
@@ -186,6 +224,7 @@ class Case:
     distinct_batches: int = 64
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     raw: RawLoop = raw_loop
+    model: type[MLP] = MLP
 
     @property
     def accumulation(self) -> int:
@@ -202,6 +241,9 @@ CASES: list[Case] = [
     Case("tiny-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
          chunk=48, target=None, trainer_kwargs={"grad_accum_steps": 4},
          raw=raw_loop_accumulate),
+    Case("tiny-mean-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200,
+         rounds=7, chunk=48, target=None, trainer_kwargs={"grad_accum_steps": 4},
+         raw=raw_loop_mean_accumulate, model=MeanMLP),
 ]
 
 
@@ -344,7 +386,7 @@ def make_batches(case: Case, steps: int, device: torch.device, seed: int) -> lis
 def build(case: Case, device: torch.device, seed: int) -> tuple[MLP, torch.optim.Optimizer]:
     """A fresh model and optimizer, identical for every run with the same seed."""
     torch.manual_seed(seed)
-    model = MLP(case.dims).to(device)
+    model = case.model(case.dims).to(device)
     model.train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 

@@ -14,7 +14,7 @@ def overhead():
         yield module
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-bf16", "tiny-accum4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-bf16", "tiny-accum4", "tiny-mean-accum4"])
 def test_each_round_times_both_sides_and_ends_with_equal_weights(overhead, tmp_path, name):
     case = next(c for c in overhead.CASES if c.name == name)
     cpu = torch.device("cpu")
