@@ -318,7 +318,7 @@ class Normaliser:
             self._scales64 = None
         self._ready = True
 
-    # -- after the last backward --------------------------------------------------------------
+    # -- the count check ----------------------------------------------------------------------
 
     def check(self) -> None:
         """Raise if the forwards' Mean counts differ from what count_items said, summed
