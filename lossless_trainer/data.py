@@ -78,13 +78,25 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_size(batch: Any) -> int | None:
-    """Leading dimension of the first tensor found in `batch`, or None if there is none."""
+    """How many samples `batch` holds, for throughput; None when it cannot be told.
+
+    The leading dimension of the first tensor found in `batch`, except for torchvision's
+    detection convention, ``(images, targets)`` as two lists of equal length, the second
+    of dicts: there it is the number of images (the first tensor would be one image, and
+    its leading dimension its channels). For other layouts pass ``Trainer(batch_size=)``.
+    """
     kind = type(batch)
-    if (kind is tuple or kind is list) and batch and type(batch[0]) is torch.Tensor:
-        try:  # the common (inputs, targets), on the trainer's every step
-            return batch[0].shape[0]
-        except IndexError:  # a 0-d tensor
-            return None
+    if (kind is tuple or kind is list) and batch:
+        first = batch[0]
+        if type(first) is torch.Tensor:
+            try:  # the common (inputs, targets), on the trainer's every step
+                return first.shape[0]
+            except IndexError:  # a 0-d tensor
+                return None
+        if (type(first) is list and len(batch) > 1 and type(batch[1]) is list
+                and len(batch[1]) == len(first) and first
+                and all(isinstance(target, Mapping) for target in batch[1])):
+            return len(first)  # (images, targets), torchvision's detection batches
     while True:
         if isinstance(batch, torch.Tensor):
             return int(batch.shape[0]) if batch.ndim else None

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .checkpoint import checkpoint_path, prune_checkpoints
-from .data import batch_size
+from .data import batch_size as infer_batch_size
 from .errors import ModelOutputError, NonFiniteLossError
 from .means import Mean
 from .state import Priority, TrainerView, logger
@@ -183,7 +183,9 @@ class LoggingHook(Hook):
 
     priority = Priority.LOGGING
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: Any = None) -> None:
+        # How many samples a batch holds: the Trainer's `batch_size` option, or inferred.
+        self._batch_size = batch_size if batch_size is not None else infer_batch_size
         self._tags: dict[str, str] = {}
         self._mean_keys: dict[str, None] = {}  # loss keys the model returns as `Mean`
         self._samples: int | None = 0
@@ -231,7 +233,7 @@ class LoggingHook(Hook):
         self._window_micro += len(trainer.micro_losses)
         if self._samples is not None:
             for batch in trainer.micro_batches:
-                size = batch_size(batch)
+                size = self._batch_size(batch)
                 if size is None:  # not inferable: stop counting samples for this run
                     self._samples = None
                     break
@@ -615,10 +617,11 @@ def stdout_is_terminal() -> bool:
 
 
 def builtin_hooks(*, evaluate: bool, eval_every: int | None, checkpoint_every: int | None,
-                  keep_last: int, progress: bool) -> list[Hook]:
-    """The hooks every Trainer has, as its options ask: logging always; evaluation with
-    `eval_data`; checkpointing unless ``keep_last=0``; the progress display (rank 0)."""
-    hooks: list[Hook] = [LoggingHook()]
+                  keep_last: int, progress: bool, batch_size: Any = None) -> list[Hook]:
+    """The hooks every Trainer has, as its options ask: logging always (counting samples
+    with `batch_size`, if given); evaluation with `eval_data`; checkpointing unless
+    ``keep_last=0``; the progress display (rank 0)."""
+    hooks: list[Hook] = [LoggingHook(batch_size)]
     if evaluate:
         hooks.append(EvaluationHook(eval_every))
     if keep_last:

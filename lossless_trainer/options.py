@@ -27,7 +27,8 @@ __all__ = ["build_optimizer", "build_scheduler", "check_options", "check_strateg
 def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log_every: Any,
                   checkpoint_every: Any, grad_accum_steps: Any, eval_every: Any,
                   eval_data: Any, clip_grad_norm: Any, clip_grad_value: Any, keep_last: Any,
-                  resume: Any, finite_check: Any, compile: Any) -> None:  # noqa: A002
+                  resume: Any, finite_check: Any, compile: Any,  # noqa: A002
+                  batch_size: Any = None) -> None:
     """Raise `TypeError`/`ValueError` for the first option that cannot work."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -54,6 +55,9 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
         raise ValueError("checkpoint_every is set but keep_last=0 keeps no checkpoint")
     if resume is not False and not isinstance(resume, (str, os.PathLike)):
         raise ValueError(f"resume must be 'auto', False or a checkpoint path, got {resume!r}")
+    if batch_size is not None and not callable(batch_size):
+        raise TypeError(f"batch_size must be a function batch -> number of samples (or None "
+                        f"when unknown), got {type(batch_size).__name__}")
     if finite_check not in ("flush", "step"):
         raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
     if compile and not isinstance(compile, (bool, dict)):

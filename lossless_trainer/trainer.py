@@ -131,6 +131,11 @@ class Trainer:
         fsdp_units: With ``strategy="fsdp"``: sub-modules to shard as units of their own
             (module classes such as a transformer block, or a predicate on modules);
             the root is always sharded. Default: the root only.
+        batch_size: ``batch_size(batch)``, the number of samples in a batch, for
+            ``perf/samples_per_sec``; returning None stops counting. Default: inferred
+            (the leading dimension of the first tensor; the number of images of
+            torchvision's ``(images, targets)``); a batch it cannot read logs no
+            ``samples_per_sec`` rather than a wrong one.
 
     Under ``torchrun --nproc_per_node=N`` the same call trains data-parallel: each rank
     uses its own device, a map-style DataLoader is re-created with a
@@ -170,13 +175,14 @@ class Trainer:
         strategy: Literal["auto", "ddp", "fsdp"] = "auto",
         find_unused_parameters: bool = False,
         fsdp_units: Sequence[type[nn.Module]] | Callable[[nn.Module], bool] | None = None,
+        batch_size: Callable[[Any], int | None] | None = None,
     ) -> None:
         check_options(model, data, max_steps=max_steps, max_epochs=max_epochs,
                       log_every=log_every, checkpoint_every=checkpoint_every,
                       grad_accum_steps=grad_accum_steps, eval_every=eval_every,
                       eval_data=eval_data, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, keep_last=keep_last, resume=resume,
-                      finite_check=finite_check, compile=compile)
+                      finite_check=finite_check, compile=compile, batch_size=batch_size)
         self.extra_writers = check_writers(writers)
         self.dist = Distributed.setup(device, strategy)
         check_strategy(self.dist.strategy, optimizer, precision)
@@ -234,7 +240,8 @@ class Trainer:
                                               eval_every=eval_every,
                                               checkpoint_every=checkpoint_every,
                                               keep_last=keep_last,
-                                              progress=progress and self.dist.is_main),
+                                              progress=progress and self.dist.is_main,
+                                              batch_size=batch_size),
                                *callbacks])
         self._after_backward = self.hooks.bound("after_backward")
 

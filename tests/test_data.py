@@ -44,6 +44,15 @@ def test_move_to_device_recurses_and_keeps_types():
     assert batch_size({"name": "x"}) is None
 
 
+def test_the_batch_size_of_torchvision_detection_batches_is_their_number_of_images():
+    images = [torch.ones(3, 8, 8), torch.ones(3, 5, 7)]  # CHW, of different sizes
+    targets = [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1)} for _ in images]
+    assert batch_size((images, targets)) == 2  # not 3, the first image's channels
+    assert batch_size([images, targets]) == 2
+    # Two lists that are not (images, targets) keep the first tensor's leading dimension.
+    assert batch_size(([torch.ones(4, 2), torch.ones(4, 3)], [torch.ones(4), torch.ones(4)])) == 4
+
+
 def test_batches_already_on_the_device_are_passed_as_they_are():
     cpu = torch.device("cpu")
     pair, listed = (torch.ones(2), torch.zeros(2)), [torch.ones(3), torch.zeros(3)]

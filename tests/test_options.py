@@ -21,6 +21,8 @@ from lossless_trainer.options import epoch_limit, planned_steps, step_limit
         ({"max_epochs": 1.5}, ValueError, "max_epochs must be a positive int, got 1.5"),
         ({"log_every": -1}, ValueError, "log_every must be a positive int"),
         ({"finite_check": "never"}, ValueError, "finite_check must be 'flush' or 'step'"),
+        ({"batch_size": 64}, TypeError, "batch_size must be a function batch -> number of "
+                                        "samples"),
     ],
 )
 def test_bad_options(quiet, kwargs, error, message):

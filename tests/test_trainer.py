@@ -157,6 +157,21 @@ def test_accumulation_counts_optimizer_steps_and_logs_micro_batch_means(fresh):
     assert lines[0]["loss/total"] == pytest.approx(lines[0]["loss/mse"])
 
 
+def test_samples_per_sec_counts_what_the_batch_size_option_says(fresh):
+    def samples_per_step(**options) -> list[float | None]:
+        """samples_per_sec over steps_per_sec of each flush: samples per step, exactly."""
+        kwargs = fresh()
+        Trainer(Regressor(), regression_data(8, 4), log_every=4, **options, **kwargs).fit()
+        return [line["perf/samples_per_sec"] / line["perf/steps_per_sec"]
+                if "perf/samples_per_sec" in line else None
+                for line in read_metrics(kwargs["log_dir"])]
+
+    assert samples_per_step() == pytest.approx([4, 4])  # batches of 4 rows
+    assert samples_per_step(batch_size=lambda batch: 10 * len(batch[0])) == pytest.approx(
+        [40, 40])
+    assert samples_per_step(batch_size=lambda batch: None) == [None, None]  # not logged
+
+
 def test_accumulation_skips_the_sync_of_a_model_the_user_wrapped(fresh):
     """A model with its own `no_sync` (one wrapped in DDP by hand, say) is asked to skip
     the gradient sync for every micro-batch but the last of each step."""
