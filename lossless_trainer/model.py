@@ -142,6 +142,14 @@ def check_losses(output: Any, step: int, where: str = "model") -> dict[str, Any]
         pass
     elif isinstance(output, torch.Tensor):
         output = {"loss": output}
+    elif _has_scalar_loss(output):  # a Hugging Face ModelOutput, or another output object
+        raise ModelOutputError(
+            f"{where}(batch) returned a {type(output).__name__} at step {step}, not a dict of "
+            "losses. It has a scalar .loss, which the model computed from the batch's labels: "
+            "wrap the model in lossless_trainer.adapters.HuggingFace(model) to train on it, "
+            "or return {'loss': output.loss} from your forward. Its other fields (logits, "
+            "hidden states) are outputs, not losses"
+        )
     elif not isinstance(output, dict):
         raise ModelOutputError(
             f"{where}(batch) returned {type(output).__name__} at step {step} in training mode; "
@@ -167,6 +175,21 @@ def check_losses(output: Any, step: int, where: str = "model") -> dict[str, Any]
             continue
         _check_tensor(f"loss {key!r}", loss, step)
     return output
+
+
+def _has_scalar_loss(output: Any) -> bool:
+    """Whether an output that is not a plain dict is a model's output object carrying a
+    scalar ``loss``: an object with a ``.loss``, or a dict subclass (a Hugging Face
+    ``ModelOutput``) with other fields that are not scalars. A dict subclass of scalar
+    losses (an OrderedDict) is a loss dict like any other."""
+    if isinstance(output, dict):
+        loss = output.get("loss")
+        others_are_outputs = any(
+            not (isinstance(v, torch.Tensor) and v.ndim == 0) and type(v) is not Mean
+            for k, v in output.items() if k != "loss")
+        return isinstance(loss, torch.Tensor) and loss.ndim == 0 and others_are_outputs
+    loss = getattr(output, "loss", None)
+    return isinstance(loss, torch.Tensor) and loss.ndim == 0
 
 
 def _check_tensor(what: str, loss: Any, step: int) -> None:

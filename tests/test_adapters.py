@@ -1,0 +1,226 @@
+"""lossless_trainer.adapters: Hugging Face models (real transformers, built from a config,
+never downloaded) and torchvision's detection convention (a detector written here with
+its exact calling convention, and a real torchvision model when it imports)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_metrics
+from torch import nn
+
+from lossless_trainer import Model, ModelOutputError, Trainer
+from lossless_trainer.adapters import HuggingFace, Torchvision
+from lossless_trainer.data import batch_size
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def lm_batches(n: int, batch: int = 4, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Repetitive token sequences a tiny model can learn, with labels = input_ids and
+    -100 at the padding."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        start = torch.randint(0, 8, (batch, 1), generator=generator)
+        ids = (start + torch.arange(12)) % 32
+        mask = torch.ones_like(ids)
+        mask[:, 10:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def test_a_causal_lm_trains_on_its_own_loss_and_predicts_logits(tmp_path):
+    model = HuggingFace(tiny_gpt2(), predictions="logits")
+    data = lm_batches(8)
+    Trainer(model, data, max_steps=60, log_every=10, log_dir=str(tmp_path), progress=False,
+            keep_last=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)).fit()
+    losses = [line["loss/loss"] for line in read_metrics(tmp_path)]
+    assert losses[-1] < 0.3 * losses[0]
+    logits = model.predict(data[0])  # eval mode: the labels are left out of the call
+    assert logits.shape == (4, 12, 32)
+    assert (logits.argmax(-1)[:, :9] == data[0]["input_ids"][:, 1:10]).float().mean() > 0.9
+
+
+def test_sequence_classification_with_named_loss_terms(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=16, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    generator = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(6):
+        ids = torch.randint(2, 32, (8, 6), generator=generator)
+        labels = (ids[:, 0] > 16).long()  # the first token decides the class
+        batches.append({"input_ids": ids, "labels": labels})
+    model = HuggingFace(transformers.BertForSequenceClassification(config),
+                        losses=["loss"], predictions="logits")
+    trainer = Trainer(model, batches, max_epochs=15, log_every=30, log_dir=str(tmp_path),
+                      progress=False, keep_last=0,
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3))
+    trainer.fit()
+    assert set(trainer.losses) == {"loss"}
+    predictions = torch.cat([model.predict(b).argmax(-1) for b in batches])
+    assert (predictions == torch.cat([b["labels"] for b in batches])).float().mean() > 0.9
+
+
+def test_a_resumed_hugging_face_run_equals_an_uninterrupted_one(tmp_path):
+    def run(log_dir, steps):
+        torch.manual_seed(0)
+        model = HuggingFace(tiny_gpt2())
+        Trainer(model, lm_batches(6), max_steps=steps, log_dir=str(log_dir), progress=False,
+                checkpoint_every=3, seed=0).fit()
+        return model
+
+    uninterrupted = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    resumed = run(tmp_path / "b", 6)
+    for p, q in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # The adapter's checkpoint keys are the bare model's under "model.".
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-000000006.pt", weights_only=True)
+    bare = tiny_gpt2()
+    bare.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
+    assert all(torch.equal(p, q) for p, q in zip(bare.parameters(), uninterrupted.parameters()))
+
+
+def test_a_batch_without_labels_is_refused_clearly(tmp_path):
+    batch = {k: v for k, v in lm_batches(1)[0].items() if k != "labels"}
+    with pytest.raises(ModelOutputError, match=r"needs labels: the batch has \['attention_mask', "
+                                               r"'input_ids'\] and none of \['labels'\]"):
+        Trainer(HuggingFace(tiny_gpt2()), [batch], log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
+    with pytest.raises(ModelOutputError, match="takes batches that are dicts"):
+        Trainer(HuggingFace(tiny_gpt2()), [(batch["input_ids"],)], log_dir=str(tmp_path),
+                progress=False, keep_last=0).fit()
+
+
+class Unwrapped(Model):
+    """A Hugging Face model's output returned as it is: a ModelOutput, a dict subclass."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_gpt2()
+
+    def forward(self, batch):
+        return self.net(**batch)
+
+
+def test_an_output_object_with_a_loss_points_to_the_adapter(tmp_path):
+    with pytest.raises(ModelOutputError) as caught:
+        Trainer(Unwrapped(), lm_batches(1), log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
+    message = str(caught.value)
+    assert "Unwrapped(batch) returned a CausalLMOutputWithCrossAttentions at step 1" in message
+    assert "scalar .loss" in message and "adapters.HuggingFace(model)" in message
+    assert ".mean()" not in message  # reducing the logits is not the fix
+
+
+def test_an_ordered_dict_of_losses_is_still_a_loss_dict(tmp_path):
+    class Ordered(Model):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, batch):
+            return OrderedDict(loss=self.w.sum(), aux=self.w.pow(2).sum())
+
+    trainer = Trainer(Ordered(), [torch.zeros(1)] * 2, log_dir=str(tmp_path), progress=False,
+                      keep_last=0)
+    trainer.fit()
+    assert set(trainer.losses) == {"loss", "aux"}
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+class ToyDetector(nn.Module):
+    """torchvision's detection convention: images as a list of CHW tensors of any size,
+    targets as a list of dicts with boxes and labels; a loss dict in training mode, a
+    list of dicts in eval mode, and torchvision's assertion without targets."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 8, 3, padding=1)
+        self.box = nn.Linear(8, 4)
+        self.cls = nn.Linear(8, 3)
+
+    def forward(self, images, targets=None):
+        if self.training and targets is None:
+            raise AssertionError("targets should not be none when in training mode")
+        features = torch.stack([self.backbone(image).mean(dim=(1, 2)) for image in images])
+        boxes, scores = self.box(features), self.cls(features)
+        if self.training:
+            first_box = torch.stack([t["boxes"][0] for t in targets])
+            first_label = torch.stack([t["labels"][0] for t in targets])
+            return {"loss_box_reg": F.smooth_l1_loss(boxes, first_box),
+                    "loss_classifier": F.cross_entropy(scores, first_label)}
+        return [{"boxes": b[None], "labels": s.argmax()[None], "scores": s.softmax(-1).max()[None]}
+                for b, s in zip(boxes, scores)]
+
+
+def detection_batches(n: int) -> list[tuple[list[torch.Tensor], list[dict]]]:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        images = [torch.rand(3, 8 + i, 10, generator=generator) for i in range(3)]
+        targets = [{"boxes": torch.tensor([[1.0, 1.0, 4.0, 5.0]]),
+                    "labels": torch.tensor([i % 3])} for i in range(3)]
+        batches.append((images, targets))
+    return batches
+
+
+def test_a_detector_trains_on_its_loss_dict_and_detects_from_images_alone(tmp_path):
+    torch.manual_seed(0)
+    model = Torchvision(ToyDetector())
+    data = detection_batches(4)
+    Trainer(model, data, max_epochs=20, log_every=20, log_dir=str(tmp_path), progress=False,
+            keep_last=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)).fit()
+    records = read_metrics(tmp_path)
+    assert records[-1]["loss/total"] < records[0]["loss/total"]
+    assert {"loss/loss_box_reg", "loss/loss_classifier"} <= set(records[-1])
+    # Throughput counts the images of each (images, targets) batch: 3, not their channels.
+    assert records[-1]["perf/samples_per_sec"] / records[-1]["perf/steps_per_sec"] == \
+        pytest.approx(batch_size(data[0])) == 3
+    images, _ = data[0]
+    for batch in (images, data[0], torch.stack([i[:, :8] for i in images])):
+        detections = model.predict(batch)
+        assert len(detections) == 3 and detections[0]["boxes"].shape == (1, 4)
+
+
+def test_a_detector_needs_targets_to_train(tmp_path):
+    images, _ = detection_batches(1)[0]
+    with pytest.raises(ModelOutputError, match=r"needs \(images, targets\) batches"):
+        Trainer(Torchvision(ToyDetector()), [images], log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
+
+
+def test_a_real_torchvision_detector_trains_when_torchvision_imports(tmp_path):
+    try:
+        from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+    except Exception as exc:  # the CUDA wheel next to the CPU torch fails to import
+        pytest.skip(f"torchvision does not import here: {type(exc).__name__}")
+    torch.manual_seed(0)
+    detector = fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None,
+                                                 num_classes=3, min_size=64, max_size=64)
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}
+               for _ in images]
+    trainer = Trainer(Torchvision(detector), [(images, targets)] * 2, log_dir=str(tmp_path),
+                      progress=False, keep_last=0)
+    trainer.fit()
+    assert "loss_classifier" in trainer.losses
+    assert len(trainer.model.predict(images)) == 2
