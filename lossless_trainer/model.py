@@ -8,7 +8,7 @@ conveniences.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -175,6 +175,31 @@ def check_losses(output: Any, step: int, where: str = "model") -> dict[str, Any]
             continue
         _check_tensor(f"loss {key!r}", loss, step)
     return output
+
+
+def call_failed(where: str, batch: Any, step: int, error: BaseException) -> str:
+    """Why ``model(batch)`` failing at the first step may be a calling convention: how the
+    model was called, and the adapters that call models the way they expect."""
+    return (
+        f"{where}(batch) raised {type(error).__name__} at step {step}: {error}. The trainer "
+        f"calls model(batch) with the whole batch, here {_describe(batch)}. A model that "
+        "takes the parts of a batch as arguments needs an adapter: "
+        "lossless_trainer.adapters.HuggingFace(model) calls model(**batch) (Hugging Face), "
+        "adapters.Torchvision(model) calls model(images, targets) (torchvision detection), "
+        "WithLoss(net, loss_fn, inputs=..., targets=...) feeds a network and a loss function"
+    )
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {list(batch)}"
+    if isinstance(batch, (list, tuple)):
+        parts = ", ".join(type(part).__name__ for part in batch[:4])
+        return (f"a {type(batch).__name__} of length {len(batch)} ({parts}"
+                f"{', ...' if len(batch) > 4 else ''})")
+    return f"a {type(batch).__name__}"
 
 
 def _has_scalar_loss(output: Any) -> bool:

@@ -24,11 +24,11 @@ from torch.optim.lr_scheduler import LRScheduler
 from .checkpoint import FORMAT_VERSION, save_atomic
 from .data import is_one_shot, length, micro_batch_groups, move_to_device
 from .distributed import Distributed
-from .errors import NonFiniteLossError
-from .evaluation import Evaluator, merge_results, run_evaluation
+from .errors import ModelOutputError, NonFiniteLossError
+from .evaluation import Evaluator, as_evaluator, merge_results, run_evaluation
 from .hooks import Hook, HookList, builtin_hooks
 from .means import Mean, Normaliser
-from .model import check_losses
+from .model import call_failed, check_losses
 from .options import (
     build_optimizer,
     build_scheduler,
@@ -228,7 +228,7 @@ class Trainer:
         self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
         self.handle_signals = handle_signals
         self.eval_data = eval_data
-        self.evaluators = list(evaluators)
+        self.evaluators = [as_evaluator(e) for e in evaluators]  # a Metric: TorchMetric
 
         # Where the run goes. Every rank must agree on the directory: rank 0 names it.
         self.log_dir = os.fspath(log_dir) if log_dir is not None \
@@ -260,6 +260,7 @@ class Trainer:
         self.exception: BaseException | None = None
         self._stop_request: str | None = None
         self._prepared = False  # whether a fit has seeded and resumed
+        self._first_step = 1  # the first step of the current fit
 
     @property
     def data(self) -> Iterable[Any]:
@@ -371,6 +372,7 @@ class Trainer:
         self._epoch_limit = sys.maxsize if self.max_epochs is None else self.max_epochs
         self.exception = None
         self.state.stop_reason = self._stop_request = None
+        self._first_step = self.state.step + 1  # a failing model call there is explained
 
     def _stopping(self, between_epochs: bool) -> bool:
         """Whether `fit` ends here; sets `state.stop_reason`. The one place that decides.
@@ -557,8 +559,16 @@ class Trainer:
             else:  # autocast covers the forward, and so the model's own loss computation
                 with precision.autocast():
                     output = self._train_model(batch)
-        except RuntimeError as exc:  # DDP's unused-parameter error, made clear
-            raise self.dist.explain(exc, step, self.model) from exc
+        except Exception as exc:
+            if isinstance(exc, RuntimeError):  # DDP's unused-parameter error, made clear
+                explained = self.dist.explain(exc, step, self.model)
+                if explained is not exc:
+                    raise explained from exc
+            if step == self._first_step and not isinstance(exc, ModelOutputError):
+                # The first call failing is most often a calling convention: say how the
+                # model was called, and which adapter calls it the way it expects.
+                raise ModelOutputError(call_failed(self._model_name, batch, step, exc)) from exc
+            raise
         losses = check_losses(output, step, self._model_name)
         total = terms = None
         for key, loss in losses.items():

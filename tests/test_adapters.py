@@ -224,3 +224,43 @@ def test_a_real_torchvision_detector_trains_when_torchvision_imports(tmp_path):
     trainer.fit()
     assert "loss_classifier" in trainer.losses
     assert len(trainer.model.predict(images)) == 2
+
+
+def test_a_hugging_face_model_passed_as_it_is_gets_an_error_naming_the_adapter(tmp_path):
+    with pytest.raises(ModelOutputError) as caught:
+        Trainer(tiny_gpt2(), lm_batches(1), log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
+    message = str(caught.value)
+    assert message.startswith("GPT2LMHeadModel(batch) raised AttributeError at step 1")
+    assert "a dict with keys ['input_ids', 'attention_mask', 'labels']" in message
+    assert "adapters.HuggingFace(model) calls model(**batch)" in message
+    assert isinstance(caught.value.__cause__, AttributeError)  # the original, chained
+
+
+def test_a_detector_passed_as_it_is_gets_an_error_naming_the_adapter(tmp_path):
+    with pytest.raises(ModelOutputError) as caught:
+        Trainer(ToyDetector(), detection_batches(1), log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
+    message = str(caught.value)
+    assert "ToyDetector(batch) raised AssertionError at step 1: targets should not be none" \
+        in message
+    assert "a tuple of length 2 (list, list)" in message
+    assert "adapters.Torchvision(model) calls model(images, targets)" in message
+
+
+def test_a_model_error_after_the_first_step_passes_through_unchanged(tmp_path):
+    class FailsLater(Model):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+            self.calls = 0
+
+        def forward(self, batch):
+            self.calls += 1
+            if self.calls == 2:
+                raise KeyError("missing")
+            return {"loss": self.w.sum()}
+
+    with pytest.raises(KeyError, match="missing"):
+        Trainer(FailsLater(), [torch.zeros(1)] * 3, log_dir=str(tmp_path), progress=False,
+                keep_last=0).fit()
