@@ -18,7 +18,8 @@ from .data import Selector, move_to_device, select
 from .precision import Precision
 from .summary import SummarySink
 
-__all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "merge_results", "run_evaluation"]
+__all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "TorchMetric", "as_evaluator",
+           "merge_results", "run_evaluation"]
 
 
 @runtime_checkable
@@ -158,6 +159,95 @@ class MeanSquaredError(_Streaming):
         return {self.name: float(self._sum) / self._count}
 
 
+class TorchMetric(_Streaming):
+    """A torchmetrics ``Metric`` (or ``MetricCollection``) as an evaluator.
+
+    Each batch calls ``metric.update(predictions, targets)``; `compute` reports the
+    metric's value as floats: a scalar under `name`, a per-class tensor as
+    ``<name>/<i>``, a dict (a collection, or a metric that returns several values) as
+    ``<name>/<key>``, or as its own keys when `name` is ``""``. Passing a ``Metric``
+    straight to ``evaluators=`` wraps it with the defaults.
+
+    Under torchrun every rank evaluates the whole evaluation data (see
+    `Trainer.evaluate`), so the metric's own cross-process reduction would count every
+    batch once per rank: it is switched off (its ``distributed_available_fn`` says no
+    process group), and each rank's result is the whole data's.
+
+    Args:
+        metric: The torchmetrics metric; it is moved to the batch's device on first use.
+        targets: Where the targets are in the batch (an index, a key or a callable).
+            Default: ``batch[1]``.
+        predictions: Picks the metric's input from the model's predictions (a key or a
+            callable) when it is not the predictions themselves (``"logits"``).
+        name: The key, or key prefix. Default: the metric's class name in snake case
+            (``MulticlassAccuracy`` gives ``multiclass_accuracy``).
+    """
+
+    def __init__(self, metric: Any, targets: Selector | None = None,
+                 predictions: Selector | None = None, name: str | None = None) -> None:
+        for method in ("update", "compute", "reset"):
+            if not callable(getattr(metric, method, None)):
+                raise TypeError(f"TorchMetric needs a torchmetrics Metric, with update(), "
+                                f"compute() and reset(); {type(metric).__name__} has no "
+                                f"{method}()")
+        self.metric = metric
+        members = metric.values() if callable(getattr(metric, "values", None)) else [metric]
+        for member in members:  # a MetricCollection's metrics, or the metric itself
+            if hasattr(member, "distributed_available_fn"):
+                # Its documented switch for "is there anything to reduce over": here, no.
+                member.distributed_available_fn = _not_distributed
+        super().__init__(targets, predictions,
+                         _snake(type(metric).__name__) if name is None else name)
+
+    def reset(self) -> None:
+        self.metric.reset()
+        self._moved = False
+
+    def process(self, batch: Any, predictions: Any) -> None:
+        values, target = self._pair(batch, predictions)
+        if not self._moved and isinstance(values, torch.Tensor) and hasattr(self.metric, "to"):
+            self.metric.to(values.device)
+            self._moved = True
+        self.metric.update(values, target)
+
+    def compute(self) -> dict[str, float]:
+        return _flatten(self.name, self.metric.compute())
+
+
+def _not_distributed() -> bool:
+    return False
+
+
+def as_evaluator(evaluator: Any) -> Evaluator:
+    """`evaluator` itself, or a torchmetrics ``Metric`` wrapped in `TorchMetric`."""
+    if isinstance(evaluator, Evaluator):
+        return evaluator
+    if all(callable(getattr(evaluator, m, None)) for m in ("update", "compute", "reset")):
+        return TorchMetric(evaluator)
+    raise TypeError(
+        f"{type(evaluator).__name__} is not an evaluator: it needs reset(), "
+        "process(batch, predictions) and compute() (or, for a torchmetrics Metric, "
+        "update(predictions, targets), compute() and reset())"
+    )
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower()
+                   for i, c in enumerate(name))
+
+
+def _flatten(name: str, value: Any) -> dict[str, float]:
+    """A metric's value as named floats."""
+    if isinstance(value, dict):
+        flat: dict[str, float] = {}
+        for key, part in value.items():
+            flat.update(_flatten(f"{name}/{key}" if name else str(key), part))
+        return flat
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        return {f"{name}/{i}": v for i, v in enumerate(value.reshape(-1).tolist())}
+    return {name: float(value)}
+
+
 def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequence[Evaluator],
                    device: torch.device, precision: Precision) -> tuple[dict[str, float],
                                                                         dict[str, float]]:
@@ -172,12 +262,8 @@ def run_evaluation(model: torch.nn.Module, data: Iterable[Any], evaluators: Sequ
     Raises:
         ValueError: two evaluators report the same key, or the data is empty.
     """
+    evaluators = [as_evaluator(evaluator) for evaluator in evaluators]
     for evaluator in evaluators:
-        if not isinstance(evaluator, Evaluator):
-            raise TypeError(
-                f"{type(evaluator).__name__} is not an evaluator: it needs reset(), "
-                "process(batch, predictions) and compute()"
-            )
         evaluator.reset()
     sink = SummarySink()  # never flush-due: histograms and images of every batch would be waste
     was_training = model.training

@@ -15,7 +15,8 @@ Modes:
     fsdp         strategy="fsdp" with the equivalence setup.
     means        TinyLM's Mean loss: 2 ranks x batch 4, and 2 ranks x 2 micro-batches x
                  batch 2, under DDP (also with find_unused_parameters) and FSDP; the
-                 error of a Mean under accumulation without count_items, on both ranks.
+                 error of a Mean under accumulation without count_items, on both ranks;
+                 torchmetrics metrics as evaluators.
 
 Rank 0 saves the final parameters (and whatever the test checks) to OUT/<name>.pt; every
 rank saves its own to OUT/<name>-rank<r>.pt.
@@ -387,6 +388,32 @@ def means(out: str) -> None:
         save(out, "uncounted", {"error": None})
     except ModelOutputError as exc:
         save(out, "uncounted", {"error": str(exc)})
+    metrics(out)
+
+
+def metrics(out: str) -> None:
+    """torchmetrics as evaluators: every rank evaluates the whole data, so a metric that
+    counts its samples must count them once, not once per rank."""
+    import torchmetrics
+
+    class Count(torchmetrics.Metric):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("n", torch.tensor(0), dist_reduce_fx="sum")
+
+        def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+            self.n += target.numel()
+
+        def compute(self) -> torch.Tensor:
+            return self.n
+
+    trainer = Trainer(Regressor(), DataLoader(dataset(32), batch_size=8), max_steps=1,
+                      log_dir=os.path.join(out, "metrics"), progress=False, keep_last=0)
+    trainer.fit()
+    results = trainer.evaluate(DataLoader(dataset(40), batch_size=8),
+                               [Count(), torchmetrics.MeanSquaredError(),
+                                MeanSquaredError(targets=1)])
+    save(out, "metrics", results)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,10 @@ def test_mean_losses_under_torchrun_equal_one_process_with_the_whole_batch(tmp_p
     for rank in (0, 1):  # the error of a Mean under accumulation, on every rank
         error = load(out, "uncounted", rank)["error"]
         assert error and "'nll' at step 1 is a Mean" in error and "count_items" in error
+        # torchmetrics as evaluators: the 40 evaluation samples counted once, not per rank.
+        results = load(out, "metrics", rank)
+        assert results["count"] == 40
+        assert results["mean_squared_error"] == pytest.approx(results["mse"], rel=1e-6)
 
 
 def test_a_checkpoint_from_another_world_size_is_refused_clearly(tmp_path):
