@@ -264,3 +264,12 @@ def test_a_model_error_after_the_first_step_passes_through_unchanged(tmp_path):
     with pytest.raises(KeyError, match="missing"):
         Trainer(FailsLater(), [torch.zeros(1)] * 3, log_dir=str(tmp_path), progress=False,
                 keep_last=0).fit()
+
+
+def test_batch_encoding_batches_reach_the_model_as_keywords(tmp_path):
+    batches = [transformers.BatchEncoding(batch) for batch in lm_batches(2)]
+    trainer = Trainer(HuggingFace(tiny_gpt2()), batches, log_dir=str(tmp_path),
+                      progress=False, keep_last=0)
+    trainer.fit()
+    assert type(trainer.batch).__name__ == "BatchEncoding" and set(trainer.losses) == {"loss"}
+    assert trainer.model.predict(batches[0]).logits.shape == (4, 12, 32)
