@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import read_metrics
 from torch import nn
 
-from lossless_trainer import Model, ModelOutputError, Trainer
+from lossless_trainer import Hook, Model, ModelOutputError, Trainer
 from lossless_trainer.adapters import HuggingFace, Torchvision
 from lossless_trainer.data import batch_size
 
@@ -268,8 +268,14 @@ def test_a_model_error_after_the_first_step_passes_through_unchanged(tmp_path):
 
 def test_batch_encoding_batches_reach_the_model_as_keywords(tmp_path):
     batches = [transformers.BatchEncoding(batch) for batch in lm_batches(2)]
+    seen = []
+
+    class Seen(Hook):
+        def after_step(self, trainer):
+            seen.append((type(trainer.batch).__name__, set(trainer.losses)))
+
     trainer = Trainer(HuggingFace(tiny_gpt2()), batches, log_dir=str(tmp_path),
-                      progress=False, keep_last=0)
+                      progress=False, keep_last=0, callbacks=[Seen()])
     trainer.fit()
-    assert type(trainer.batch).__name__ == "BatchEncoding" and set(trainer.losses) == {"loss"}
+    assert seen == [("BatchEncoding", {"loss"})] * 2
     assert trainer.model.predict(batches[0]).logits.shape == (4, 12, 32)
