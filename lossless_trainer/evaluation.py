@@ -185,11 +185,12 @@ class TorchMetric(_Streaming):
 
     def __init__(self, metric: Any, targets: Selector | None = None,
                  predictions: Selector | None = None, name: str | None = None) -> None:
-        for method in ("update", "compute", "reset"):
-            if not callable(getattr(metric, method, None)):
-                raise TypeError(f"TorchMetric needs a torchmetrics Metric, with update(), "
-                                f"compute() and reset(); {type(metric).__name__} has no "
-                                f"{method}()")
+        if not all(callable(getattr(metric, m, None)) for m in ("update", "compute", "reset")):
+            raise TypeError(
+                f"{type(metric).__name__} is not an evaluator: it needs reset(), "
+                "process(batch, predictions) and compute() (or, for a torchmetrics Metric, "
+                "update(predictions, targets), compute() and reset())"
+            )
         self.metric = metric
         members = metric.values() if callable(getattr(metric, "values", None)) else [metric]
         for member in members:  # a MetricCollection's metrics, or the metric itself
@@ -220,15 +221,7 @@ def _not_distributed() -> bool:
 
 def as_evaluator(evaluator: Any) -> Evaluator:
     """`evaluator` itself, or a torchmetrics ``Metric`` wrapped in `TorchMetric`."""
-    if isinstance(evaluator, Evaluator):
-        return evaluator
-    if all(callable(getattr(evaluator, m, None)) for m in ("update", "compute", "reset")):
-        return TorchMetric(evaluator)
-    raise TypeError(
-        f"{type(evaluator).__name__} is not an evaluator: it needs reset(), "
-        "process(batch, predictions) and compute() (or, for a torchmetrics Metric, "
-        "update(predictions, targets), compute() and reset())"
-    )
+    return evaluator if isinstance(evaluator, Evaluator) else TorchMetric(evaluator)
 
 
 def _snake(name: str) -> str:

@@ -222,7 +222,9 @@ class LoggingHook(Hook):
                         if tag is not None:
                             _switched(key, trainer.state.step, "a Mean", "a plain tensor")
                         mean_keys[key] = None
-                    sink.put_mean(tags.setdefault(key, f"loss/{key}"), loss.total, loss.count)
+                    if tag is None:
+                        tag = tags[key] = f"loss/{key}"
+                    sink.put_mean(tag, loss.total, loss.count)
                     continue
                 if tag is None:
                     tag = tags[key] = f"loss/{key}"

@@ -325,24 +325,22 @@ class Normaliser:
         over the steps since the last check. One device read; under torchrun every rank
         must call it at the same step (a flush, a checkpoint, the end of `fit`), and
         every rank raises together. Nothing to do without count_items."""
-        if self.count_items is None or self.keys is None:
-            return
         window, self._window = self._window, None
-        bad: dict[str, tuple[float, float]] = {}
-        if window is not None:
-            self._fold()
-            want, got = torch.stack([self._expected[0],  # type: ignore[list-item]
-                                     _vector([c[0] for c in self._seen], self.device)]
-                                    ).tolist()
-            bad = {key: (w, g) for key, w, g in zip(self.keys, want, got)
-                   if not math.isclose(w, g, rel_tol=1e-6, abs_tol=1e-6)}
-            self._expected, self._seen = [], [[] for _ in self.keys]
+        # Nothing counted since the last check (a checkpoint right after a flush): every
+        # rank counts every step, so every rank returns here alike, with no collective.
+        if self.count_items is None or self.keys is None or window is None:
+            return
+        self._fold()
+        want, got = torch.stack([self._expected[0],  # type: ignore[list-item]
+                                 _vector([c[0] for c in self._seen], self.device)]).tolist()
+        bad = {key: (w, g) for key, w, g in zip(self.keys, want, got)
+               if not math.isclose(w, g, rel_tol=1e-6, abs_tol=1e-6)}
+        self._expected, self._seen = [], [[] for _ in self.keys]
         if self.dist.enabled and self.dist.any(bool(bad)) and not bad:
             raise ModelOutputError(
                 f"{self.name}.count_items(batch) disagrees with the Mean counts of the "
                 "forward on another rank (its error names the key and the steps)")
         if bad:
-            assert window is not None
             raise ModelOutputError(self._mismatch(bad, window))
 
     def _fold(self) -> None:

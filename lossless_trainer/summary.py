@@ -198,9 +198,10 @@ class _ScalarWindow:
         self.weights: list[torch.Tensor] | None = [] if weighted else None
         self.weight_total: torch.Tensor | None = None
 
-    def add_number(self, value: float, step: int) -> None:
+    def add_number(self, value: float, step: int, count: float = 1) -> None:
+        """Add a number; `count` is its weight (a `Mean`'s count is added apart: 0)."""
         self.py_sum += value
-        self.py_count += 1
+        self.py_count += count
         if self.py_first_bad is None and not math.isfinite(value):
             self.py_first_bad = step
 
@@ -316,8 +317,7 @@ class SummarySink:
             if len(window.values) >= _FOLD_AT:
                 window.fold()
         else:
-            window.add_number(float(total), self.step)
-            window.py_count -= 1  # add_number counted one value; the count is added below
+            window.add_number(float(total), self.step, count=0)  # the count comes below
         if isinstance(count, torch.Tensor):
             window.weights.append(_kept(count.reshape(()) if count.ndim else count))  # type: ignore[union-attr]
             if len(window.weights) >= _FOLD_AT:  # type: ignore[arg-type]
