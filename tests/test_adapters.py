@@ -15,6 +15,7 @@ from torch import nn
 from lossless_trainer import Hook, Model, ModelOutputError, Trainer
 from lossless_trainer.adapters import HuggingFace, Torchvision
 from lossless_trainer.data import batch_size
+from lossless_trainer.evaluation import TorchMetric
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,6 +202,28 @@ def test_a_detector_trains_on_its_loss_dict_and_detects_from_images_alone(tmp_pa
         assert len(detections) == 3 and detections[0]["boxes"].shape == (1, 4)
 
 
+def test_mean_average_precision_evaluates_a_detector(tmp_path):
+    # torchmetrics' detection metrics need torchvision, and a COCO backend (pycocotools
+    # or faster-coco-eval): this runs where they import, and skips here.
+    torchmetrics = pytest.importorskip("torchmetrics")
+    try:
+        from torchmetrics.detection import MeanAveragePrecision
+        metric = MeanAveragePrecision()
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"MeanAveragePrecision does not work here: {exc}")
+    data = detection_batches(2)
+    trainer = Trainer(Torchvision(ToyDetector()), data, log_dir=str(tmp_path),
+                      progress=False, keep_last=0)
+    results = trainer.evaluate(data, [TorchMetric(metric, name="det")])
+    assert {"det/map", "det/map_50", "det/mar_100"} <= set(results)
+    assert all(-1.0 <= value <= 1.0 for key, value in results.items() if key != "det/classes")
+    # The same as torchmetrics computes it on the detections and targets by hand.
+    expected = torchmetrics.detection.MeanAveragePrecision()
+    for images, targets in data:
+        expected.update(trainer.model.predict(images), targets)
+    assert results["det/map"] == pytest.approx(float(expected.compute()["map"]))
+
+
 def test_a_detector_needs_targets_to_train(tmp_path):
     images, _ = detection_batches(1)[0]
     with pytest.raises(ModelOutputError, match=r"needs \(images, targets\) batches"):
@@ -279,3 +302,79 @@ def test_batch_encoding_batches_reach_the_model_as_keywords(tmp_path):
     trainer.fit()
     assert seen == [("BatchEncoding", {"loss"})] * 2
     assert trainer.model.predict(batches[0]).logits.shape == (4, 12, 32)
+
+
+# -- exact token means -----------------------------------------------------------------
+
+
+def padded(lengths: list[int], width: int, seed: int) -> dict[str, torch.Tensor]:
+    """A causal-LM batch of sequences of these lengths, padded on the right to `width`
+    (labels -100 at the padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 32, (len(lengths), width), generator=generator)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_token_mean_is_chosen_from_the_model_class():
+    bert = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32)
+    assert HuggingFace(tiny_gpt2()).token_mean == "shifted"
+    assert HuggingFace(transformers.BertForMaskedLM(bert)).token_mean == "unshifted"
+    assert HuggingFace(transformers.BertForTokenClassification(bert)).token_mean == "unshifted"
+    assert HuggingFace(transformers.BertForSequenceClassification(bert)).token_mean is None
+    assert HuggingFace(tiny_gpt2(), losses=["loss"]).token_mean is None
+    assert HuggingFace(tiny_gpt2(), token_mean=None).count_items is None
+    with pytest.raises(ValueError, match="token_mean=...\\) must be 'auto', 'shifted'"):
+        HuggingFace(tiny_gpt2(), token_mean=True)
+    with pytest.raises(ValueError, match="with losses= the losses are yours"):
+        HuggingFace(tiny_gpt2(), losses=["loss"], token_mean="shifted")
+
+
+@pytest.mark.parametrize("token_mean", ["auto", None])
+def test_accumulated_micro_batches_train_on_the_whole_step_token_mean(tmp_path, token_mean):
+    # Two micro-batches with 4 + 6 and 20 + 22 tokens: the step's gradient must be the
+    # gradient of the token mean over all of them, as one batch gives it.
+    micro = [padded([5, 7], 12, seed=1), padded([11, 12], 12, seed=2)]
+    whole = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
+    reference = tiny_gpt2()
+    reference(**whole).loss.backward()
+    expected = [p.grad for p in reference.parameters()]
+
+    model = HuggingFace(tiny_gpt2(), token_mean=token_mean)
+    grads = []
+
+    class Grads(Hook):
+        def after_backward(self, trainer):
+            grads.extend(p.grad.clone() for p in trainer.model.model.parameters())
+
+    Trainer(model, micro, grad_accum_steps=2, log_dir=str(tmp_path), progress=False,
+            keep_last=0, callbacks=[Grads()], optimizer=lambda p: torch.optim.SGD(p, lr=0.0)).fit()
+    close = all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, expected))
+    assert close == (token_mean == "auto")  # the mean of the two means is not the mean
+
+
+def test_a_micro_batch_with_no_label_token_adds_nothing(tmp_path):
+    empty = padded([3, 4], 12, seed=3)
+    empty["labels"] = torch.full_like(empty["labels"], -100)
+    full = padded([12, 12], 12, seed=4)
+    model = HuggingFace(tiny_gpt2())
+    trainer = Trainer(model, [empty, full], grad_accum_steps=2, log_dir=str(tmp_path),
+                      progress=False, keep_last=0, log_every=1)
+    trainer.fit()  # the bare model's mean over 0 tokens would be NaN
+    reference = tiny_gpt2()
+    assert read_metrics(tmp_path)[0]["loss/loss"] == pytest.approx(
+        reference(**full).loss.item(), rel=1e-5)
+
+
+def test_a_compiled_hugging_face_model_trains(tmp_path):
+    model = HuggingFace(tiny_gpt2(), predictions="logits")
+    data = lm_batches(4)
+    trainer = Trainer(model, data, max_steps=24, log_every=4, log_dir=str(tmp_path),
+                      progress=False, keep_last=0, compile=True,
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer.fit()
+    losses = [line["loss/loss"] for line in read_metrics(tmp_path)]
+    assert losses[-1] < 0.6 * losses[0]
+    assert list(model.state_dict()) == ["model." + k for k in tiny_gpt2().state_dict()]
+    assert model.predict(data[0]).shape == (4, 12, 32)
