@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.utils._pytree as pytree
 
 from .data import Selector, move_to_device, select
 from .precision import Precision
@@ -206,9 +207,14 @@ class TorchMetric(_Streaming):
 
     def process(self, batch: Any, predictions: Any) -> None:
         values, target = self._pair(batch, predictions)
-        if not self._moved and isinstance(values, torch.Tensor) and hasattr(self.metric, "to"):
-            self.metric.to(values.device)
-            self._moved = True
+        if not self._moved and hasattr(self.metric, "to"):
+            # The first tensor of the predictions: a tensor, or inside a list of dicts
+            # (a detector's, for mean average precision).
+            first = next((leaf for leaf in pytree.tree_leaves(values)
+                          if isinstance(leaf, torch.Tensor)), None)
+            if first is not None:
+                self.metric.to(first.device)
+                self._moved = True
         self.metric.update(values, target)
 
     def compute(self) -> dict[str, float]:

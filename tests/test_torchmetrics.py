@@ -62,3 +62,29 @@ def test_targets_and_predictions_are_selected_like_the_built_in_evaluators(quiet
 def test_something_that_is_neither_is_refused(quiet):
     with pytest.raises(TypeError, match="is not an evaluator: it needs reset"):
         Trainer(TinyClassifier(), make_batches(1), evaluators=[object()], **quiet)
+
+
+def test_a_metric_moves_to_the_device_of_predictions_nested_in_lists_of_dicts():
+    moved = []
+
+    class Detections:  # a detection metric: predictions are a list of dicts per image
+        def update(self, predictions, targets):
+            self.seen = (len(predictions), len(targets))
+
+        def compute(self):
+            return {"map": torch.tensor(0.5)}
+
+        def reset(self):
+            pass
+
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    metric = TorchMetric(Detections(), name="det")
+    metric.reset()
+    batch = ([torch.zeros(3, 4, 4)], [{"boxes": torch.zeros(1, 4), "labels": torch.ones(1)}])
+    for _ in range(2):
+        metric.process(batch, [{"boxes": torch.zeros(1, 4), "scores": torch.ones(1)}])
+    assert moved == [torch.device("cpu")]  # once, to the first tensor's device
+    assert metric.metric.seen == (1, 1) and metric.compute() == {"det/map": 0.5}
