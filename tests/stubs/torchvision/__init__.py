@@ -1,0 +1,1 @@
+"""A stand-in for torchvision, for tests only: see tests/stubs/README.md."""
