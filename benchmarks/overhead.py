@@ -47,12 +47,22 @@ Method:
 
 Usage::
 
-    python benchmarks/overhead.py            # full run, about 2-3 minutes on 2 CPU cores
+    python benchmarks/overhead.py            # full run, about 8 minutes on 2 CPU cores
+    python benchmarks/overhead.py --cases tiny medium   # a few of them
     python benchmarks/overhead.py --quick    # smoke run, a few seconds
 
 The exit status is always 0: this is a benchmark, not a test. New cases (bf16, gradient
-accumulation, ...) are new entries in `CASES`; a case can pass extra `Trainer` options
-and its own raw loop.
+accumulation, ...) are new entries in `CASES`; a case can pass extra `Trainer` options,
+its own model, batches and raw loop.
+
+The ``gpt2`` cases train a Hugging Face ``GPT2LMHeadModel`` (built from a config, 0.1 M
+parameters, padded batches of 8 sequences of 8 to 64 tokens) through
+`adapters.HuggingFace`, against a hand-written loop on the bare model:
+``model(**batch).loss.backward()`` for ``gpt2`` (``token_mean=None``), and for
+``gpt2-accum4`` the loop Hugging Face's own Trainer runs for an exact token mean under
+accumulation: count the step's label tokens first, then backpropagate each micro-batch's
+loss as a sum (``num_items_in_batch``) over that count. They run when transformers is
+installed.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import os
 import platform
 import resource
@@ -73,12 +84,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import nn
 
 from lossless_trainer import Mean, Model, Trainer, write_summary
 from lossless_trainer.summary import summaries_off
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # (x, y) for the MLP cases, a dict of keyword tensors for the gpt2 ones
 RawLoop = Callable[[nn.Module, torch.optim.Optimizer, Sequence[Batch]], None]
 
 
@@ -192,6 +204,65 @@ def raw_loop_mean_accumulate(model: nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad(set_to_none=True)
 
 
+def gpt2(dims: Sequence[int], token_mean: str | None = None) -> nn.Module:
+    """A tiny ``GPT2LMHeadModel`` through `adapters.HuggingFace`: vocabulary dims[0], width
+    dims[1], dims[2] layers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lossless_trainer.adapters import HuggingFace
+
+    vocab, width, layers = dims
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=layers,
+                        n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        loss_type="ForCausalLM")
+    return HuggingFace(GPT2LMHeadModel(config), token_mean=token_mean)
+
+
+def gpt2_tokens(dims: Sequence[int]) -> nn.Module:
+    return gpt2(dims, token_mean="shifted")
+
+
+def lm_batch(case: Case, generator: torch.Generator) -> Batch:
+    """A causal-LM batch: sequences of 8 to 64 tokens padded to 64, labels -100 there."""
+    ids = torch.randint(0, case.dims[0], (case.batch_size, 64), generator=generator)
+    lengths = torch.randint(8, 65, (case.batch_size, 1), generator=generator)
+    mask = (torch.arange(64) < lengths).long()
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def raw_loop_hf(model: nn.Module, optimizer: torch.optim.Optimizer,
+                batches: Sequence[Batch]) -> None:
+    """The hand-written loop on the bare Hugging Face model: its own loss."""
+    net = model.model
+    for batch in batches:
+        net(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def raw_loop_hf_tokens(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       batches: Sequence[Batch], every: int = 4) -> None:
+    """Hugging Face's exact token mean under accumulation, by hand on the bare model:
+    the step's label tokens counted first, each micro-batch's loss a sum over its
+    tokens (``num_items_in_batch``), scaled by one over the step's count."""
+    net = model.model
+    for start in range(0, len(batches), every):
+        group = batches[start:start + every]
+        counts = [batch["labels"][:, 1:].ne(-100).sum() for batch in group]
+        scale = 1 / sum(float(n) for n in counts)
+        for batch, n in zip(group, counts):
+            loss = net(**batch, num_items_in_batch=n.clamp(min=1)).loss * n
+            (loss * scale).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def mlp_batch(case: Case, generator: torch.Generator) -> Batch:
+    return (torch.randn(case.batch_size, case.dims[0], generator=generator),
+            torch.randint(0, case.dims[-1], (case.batch_size,), generator=generator))
+
+
 @dataclass(frozen=True)
 class Case:
     """One benchmark configuration.
@@ -210,7 +281,9 @@ class Case:
             memory bounded for the larger cases.
         trainer_kwargs: Extra `Trainer` options for this case.
         raw: The raw loop matching those options.
-        model: The model class, built with `dims`.
+        model: The model class (or a function), built with `dims`.
+        batch: Makes one batch of the case from a generator.
+        needs: A module the case needs (skipped without it).
     """
 
     name: str
@@ -224,7 +297,9 @@ class Case:
     distinct_batches: int = 64
     trainer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     raw: RawLoop = raw_loop
-    model: type[MLP] = MLP
+    model: Callable[[tuple[int, ...]], nn.Module] = MLP
+    batch: Callable[[Case, torch.Generator], Batch] = mlp_batch
+    needs: str | None = None
 
     @property
     def accumulation(self) -> int:
@@ -244,6 +319,11 @@ CASES: list[Case] = [
     Case("tiny-mean-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200,
          rounds=7, chunk=48, target=None, trainer_kwargs={"grad_accum_steps": 4},
          raw=raw_loop_mean_accumulate, model=MeanMLP),
+    Case("gpt2", (256, 64, 2), batch_size=8, steps=400, quick_steps=40, rounds=7, chunk=20,
+         target=None, raw=raw_loop_hf, model=gpt2, batch=lm_batch, needs="transformers"),
+    Case("gpt2-accum4", (256, 64, 2), batch_size=8, steps=400, quick_steps=40, rounds=7,
+         chunk=20, target=None, trainer_kwargs={"grad_accum_steps": 4},
+         raw=raw_loop_hf_tokens, model=gpt2_tokens, batch=lm_batch, needs="transformers"),
 ]
 
 
@@ -368,22 +448,20 @@ class Result:
 def copies(batches: list[Batch]) -> list[Batch]:
     """Equal batches in tensors of their own, cycling like `batches` does."""
     made: dict[int, Batch] = {}
-    return [made.setdefault(id(batch), (batch[0].clone(), batch[1].clone()))
+    return [made.setdefault(id(batch), pytree.tree_map(torch.clone, batch))
             for batch in batches]
 
 
 def make_batches(case: Case, steps: int, device: torch.device, seed: int) -> list[Batch]:
     """`steps` batches on `device`, cycling through `case.distinct_batches` tensors."""
     generator = torch.Generator().manual_seed(seed)
-    pool = [
-        (torch.randn(case.batch_size, case.dims[0], generator=generator).to(device),
-         torch.randint(0, case.dims[-1], (case.batch_size,), generator=generator).to(device))
-        for _ in range(min(case.distinct_batches, steps))
-    ]
+    pool = [pytree.tree_map(lambda t: t.to(device), case.batch(case, generator))
+            for _ in range(min(case.distinct_batches, steps))]
     return [pool[i % len(pool)] for i in range(steps)]
 
 
-def build(case: Case, device: torch.device, seed: int) -> tuple[MLP, torch.optim.Optimizer]:
+def build(case: Case, device: torch.device, seed: int
+          ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A fresh model and optimizer, identical for every run with the same seed."""
     torch.manual_seed(seed)
     model = case.model(case.dims).to(device)
@@ -556,6 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         malloc = "pinned thresholds" if pin_malloc() else "default (mallopt unavailable)"
     device = torch.empty(0, device=args.device).device
     cases = [case for case in CASES if args.cases is None or case.name in args.cases]
+    for case in [case for case in cases if case.needs and not importlib.util.find_spec(
+            case.needs)]:
+        print(f"skipping {case.name}: it needs {case.needs}", flush=True)
+        cases.remove(case)
     if args.steps is not None:
         cases = [replace(case, steps=args.steps, quick_steps=args.steps) for case in cases]
     print(machine_line(device, malloc), flush=True)

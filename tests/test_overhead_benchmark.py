@@ -49,3 +49,15 @@ def test_a_round_and_the_table(overhead, tmp_path, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines()
                if line.startswith("tiny "))
     assert "WARNING" not in row and ("PASS" in row or "MISS" in row)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt2-accum4"])
+def test_the_hugging_face_cases_match_the_loop_on_the_bare_model(overhead, tmp_path, name):
+    # The Trainer through adapters.HuggingFace and the hand-written loop on the bare
+    # model (for gpt2-accum4, Hugging Face's own num_items_in_batch recipe) do the same
+    # arithmetic: bitwise-equal weights after the round.
+    pytest.importorskip("transformers")
+    case = next(c for c in overhead.CASES if c.name == name)
+    result = overhead.bench_case(case, torch.device("cpu"), quick=True, rounds=1, chunk=8,
+                                 seed=0, log_root=str(tmp_path))
+    assert result.weights_match and result.rounds[0].trainer > 0 < result.rounds[0].raw
