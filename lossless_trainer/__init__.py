@@ -5,7 +5,12 @@ them, backpropagates and steps. `write_summary` logs from anywhere inside the mo
 """
 
 from .checkpoint import CheckpointError
-from .errors import ModelOutputError, NonFiniteLossError
+from .errors import (
+    ModelOutputError,
+    NonFiniteLossError,
+    RunDirectoryError,
+    RunDirectoryInUseError,
+)
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import BestCheckpoint, EarlyStopping, Hook
 from .means import Mean
@@ -27,6 +32,8 @@ __all__ = [
     "ModelOutputError",
     "NonFiniteLossError",
     "Priority",
+    "RunDirectoryError",
+    "RunDirectoryInUseError",
     "SummaryRecord",
     "TrainState",
     "Trainer",

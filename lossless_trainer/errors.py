@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ModelOutputError", "NonFiniteLossError"]
+__all__ = ["ModelOutputError", "NonFiniteLossError", "RunDirectoryError", "RunDirectoryInUseError"]
 
 
 class ModelOutputError(ValueError):
@@ -20,3 +20,13 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, message: str, first_steps: dict[str, int]) -> None:
         super().__init__(message)
         self.first_steps = first_steps
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory (`log_dir`) cannot be used: a file, missing and not creatable, or
+    not writable. Names the directory and the fix."""
+
+
+class RunDirectoryInUseError(RunDirectoryError):
+    """Another run holds the run directory's lock. Names the holder (pid, host, start
+    time, command); nothing in the directory was read or changed."""

@@ -406,12 +406,34 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
 # -- signals --------------------------------------------------------------------------
 
 
+# The SIGTERM this process received during a fit, if any: schedulers send it to mean
+# "save and leave soon", so every later fit of the process returns at once.
+_terminated: str | None = None
+
+
+def termination_signal() -> str | None:
+    """``"SIGTERM"`` once a SIGTERM stopped a `fit` of this process, else None.
+
+    Every later `fit` in the process then returns at once with that ``stop_reason``
+    (a SIGINT stops only the fit it interrupts: a notebook's interrupt, then another
+    `fit`, continues training).
+    """
+    return _terminated
+
+
+def clear_termination() -> None:
+    """Forget a received SIGTERM, so that later fits of this process train again."""
+    global _terminated
+    _terminated = None
+
+
 @contextmanager
 def stop_on_signals(enabled: bool, request_stop: Callable[[str], None]) -> Iterator[None]:
     """Within the block, turn the first SIGTERM or SIGINT into ``request_stop(<name>)``.
 
     The step under way finishes and `fit` saves a checkpoint on its way out, which is
-    what a preempted job needs. A second SIGINT aborts at once. Only the main thread
+    what a preempted job needs. A second SIGINT aborts at once. A SIGTERM is also
+    remembered for the rest of the process (`termination_signal`). Only the main thread
     can own signal handlers; elsewhere (or with `enabled` false) this does nothing.
     """
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -426,6 +448,9 @@ def stop_on_signals(enabled: bool, request_stop: Callable[[str], None]) -> Itera
         if received:
             return
         received.append(name)
+        if signum == signal.SIGTERM:
+            global _terminated
+            _terminated = name
         print(f"[lossless_trainer] {name} received: stopping after the current step, "
               "then saving a checkpoint. Press Ctrl-C again to abort.",
               file=sys.stderr, flush=True)

@@ -40,7 +40,14 @@ from .options import (
     step_limit,
 )
 from .precision import Precision
-from .resume import DataCursor, resume_from_checkpoint, seed_everything, stop_on_signals
+from .resume import (
+    DataCursor,
+    resume_from_checkpoint,
+    seed_everything,
+    stop_on_signals,
+    termination_signal,
+)
+from .rundir import claim_run_dir
 from .state import TrainState, logger
 from .summary import SummaryRecord, SummarySink
 from .writers import BackgroundWriter, Writer, WriterFactory, check_writers, open_writers
@@ -311,8 +318,34 @@ class Trainer:
         Returns:
             The final `TrainState`. Its `stop_reason` says why training ended; after a
             SIGTERM or SIGINT it is ``"SIGTERM"`` or ``"SIGINT"``, and a checkpoint of
-            the last completed step has been saved.
+            the last completed step has been saved. Once a SIGTERM stopped a fit, every
+            later fit in the process returns at once with ``"SIGTERM"``.
+
+        Raises:
+            RunDirectoryInUseError: another run holds `log_dir`; nothing there was read
+                or changed.
+            RunDirectoryError: `log_dir` is a file or cannot be written.
         """
+        if self.dist.enabled and not self.dist.collectives_ok:
+            raise RuntimeError("an earlier fit failed on this rank; the other ranks cannot be "
+                               "trusted to be in step with it. Restart the job to resume")
+        if self.dist.any(termination_signal() is not None):
+            return self._after_termination()
+        with claim_run_dir(self.log_dir, self.dist):
+            return self._fit()
+
+    def _after_termination(self) -> TrainState:
+        """A SIGTERM stopped an earlier fit of this process (of any rank's, under
+        torchrun): the scheduler wants it gone, so this fit trains nothing."""
+        self.state.stop_reason = termination_signal() or "SIGTERM"
+        logger.warning("a SIGTERM stopped an earlier fit of this process: fit returns at once "
+                       "(stop_reason %r); exit the script, or call "
+                       "lossless_trainer.resume.clear_termination() to train again",
+                       self.state.stop_reason)
+        return self.state
+
+    def _fit(self) -> TrainState:
+        """`fit`, with the run directory held."""
         self._prepare_fit()
         hooks, state, sink, cursor = self.hooks, self.state, self.sink, self.cursor
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
@@ -345,8 +378,10 @@ class Trainer:
                         self._end_epoch()
                 self._means.check()  # what the count check found since the last flush
             except BaseException as exc:
-                self._fail(exc)
-                raise
+                first = self._fail(exc)
+                if first is exc:
+                    raise
+                raise first from exc  # the first cause; `exc`, its symptom, chained
             errors = self._finish()
         if errors:
             raise errors[0]
@@ -355,9 +390,6 @@ class Trainer:
     def _prepare_fit(self) -> None:
         """Before the loop: on the first fit, seed and resume; on every fit, start clean."""
         dist = self.dist
-        if dist.enabled and not dist.collectives_ok:
-            raise RuntimeError("an earlier fit failed on this rank; the other ranks cannot be "
-                               "trusted to be in step with it. Restart the job to resume")
         if not self._prepared:
             if self.seed is not None:
                 # Each rank draws its own dropout masks and augmentations; DDP and FSDP
@@ -418,9 +450,12 @@ class Trainer:
         state.batch_in_epoch = 0
         self.hooks.call("after_epoch", self)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException) -> BaseException:
         """`fit` is raising `exc`: every hook's `on_exception` and `after_train` run (their
-        own failures are logged; `exc` wins), then the writers close."""
+        own failures are logged), then the writers close. Returns what `fit` raises: `exc`,
+        unless the last flush found a loss that went NaN or Inf before it (with
+        ``finite_check="flush"`` a NaN loss shows first as NaN weights at a checkpoint,
+        or as a model's failure on them): the first cause wins."""
         self.exception = exc
         self.batch = None
         if self.dist.enabled:
@@ -432,9 +467,18 @@ class Trainer:
                              f"{self.dist.world_size}")
         try:
             self.hooks.teardown("on_exception", self, exc)
-            self.hooks.teardown("after_train", self)
+            errors = self.hooks.teardown("after_train", self)
         finally:
             self._close_writers()
+        cause = next((e for e in errors if isinstance(e, NonFiniteLossError)), None)
+        named = isinstance(exc, NonFiniteLossError) and exc.first_steps  # names its losses
+        if cause is None or named or not isinstance(exc, Exception):
+            return exc
+        if hasattr(cause, "add_note"):
+            cause.add_note("[lossless_trainer] raised instead of the later failure it led "
+                           f"to: {type(exc).__name__}: {exc}")
+        self.exception = cause
+        return cause
 
     def _finish(self) -> list[BaseException]:
         """`fit` ends normally: every hook's `after_train`, then the writers close.

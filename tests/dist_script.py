@@ -416,7 +416,21 @@ def metrics(out: str) -> None:
     save(out, "metrics", results)
 
 
+def locked(out: str) -> None:
+    """A run on a directory whose lock another process holds: every rank must raise the
+    same error (rank 0 takes the lock), and none must wait for the others."""
+    from lossless_trainer import RunDirectoryInUseError
+
+    trainer = Trainer(Regressor(), DataLoader(dataset(32), batch_size=8), max_steps=2,
+                      log_dir=os.path.join(out, "held"), progress=False)
+    try:
+        trainer.fit()
+    except RunDirectoryInUseError as exc:
+        save(out, "locked", {"error": str(exc)})
+        raise
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     {"equivalence": equivalence, "optional": optional, "resume": resume,
-     "fsdp": lambda o: equivalence(o, "fsdp"), "means": means}[mode](out)
+     "fsdp": lambda o: equivalence(o, "fsdp"), "means": means, "locked": locked}[mode](out)

@@ -313,3 +313,21 @@ def test_combine_totals_of_one_rank_alone_keeps_its_rank_number():
     # After an error a rank reduces only its own window; a NaN there is still its own.
     values, nonfinite = combine_totals([({"loss": (float("nan"), 1, 5)}, {})], ranks=[1])
     assert nonfinite == {"loss": (5, 1)} and values["loss"][1] == 1
+
+
+def test_a_held_run_directory_stops_every_rank_with_the_holders_name(tmp_path):
+    from lossless_trainer.rundir import RunLock
+
+    out = tmp_path / "locked"
+    (out / "held").mkdir(parents=True)
+    lock = RunLock.acquire(str(out / "held"))  # this process holds the job's directory
+    try:
+        result = torchrun("locked", out, expect_ok=False)
+    finally:
+        lock.release()
+    assert result.returncode != 0
+    for rank in (0, 1):  # both ranks raised it at once: none waited for the other
+        message = load(out, "locked", rank)["error"]
+        assert f"is in use by another run: pid {os.getpid()}" in message
+    assert "(raised on rank 0)" in load(out, "locked", 1)["error"]
+    assert os.listdir(out / "held") == [".lossless_trainer.lock"]  # nothing else written

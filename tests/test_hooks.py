@@ -298,10 +298,33 @@ def test_nan_weights_are_never_checkpointed(tmp_path):
                 with torch.no_grad():
                     trainer.model.head.weight.fill_(float("nan"))
 
-    with pytest.raises(NonFiniteLossError, match=r"parameters became NaN or Inf by step 12 "
-                                                 r"\(.*head.weight.*\); no checkpoint is saved"):
+    with pytest.raises(NonFiniteLossError) as caught:
         train(tmp_path, callbacks=[Poison()], log_every=50)
     assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [6]
+    # The first NaN loss (at step 9, on the poisoned weights) is what fit raises; the
+    # checkpoint's refusal at step 12, its symptom, is in the note and the context.
+    assert caught.value.first_steps == {"ce": 9}
+    assert re.search(r"parameters became NaN or Inf by step 12 \(.*head.weight.*\); no "
+                     "checkpoint is saved", caught.value.__notes__[-1])
+    assert isinstance(caught.value.__context__, NonFiniteLossError)
+
+
+def test_with_flush_checks_a_nan_loss_before_a_due_checkpoint_is_the_error_raised(tmp_path):
+    # A NaN loss at step 37, a checkpoint due at 40 and the flush at 50: the checkpoint
+    # finds NaN weights first, but the error raised names the loss and its step.
+    class NanAt37(Hook):
+        def before_step(self, trainer):
+            if trainer.state.step + 1 == 37:
+                with torch.no_grad():
+                    trainer.model.head.bias.add_(float("inf"))
+
+    with pytest.raises(NonFiniteLossError, match=r"'ce' first at step 37") as caught:
+        train(tmp_path, max_steps=60, callbacks=[NanAt37()], log_every=50,
+              checkpoint_every=10, finite_check="flush")
+    assert caught.value.first_steps == {"ce": 37}
+    assert "parameters became NaN or Inf by step 40" in caught.value.__notes__[-1]
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [10, 20, 30]
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
 
 
 # --------------------------------------------------------------------------- ProgressHook
