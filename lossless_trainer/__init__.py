@@ -10,6 +10,7 @@ from .errors import (
     NonFiniteLossError,
     RunDirectoryError,
     RunDirectoryInUseError,
+    StorageError,
 )
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import BestCheckpoint, EarlyStopping, Hook
@@ -34,6 +35,7 @@ __all__ = [
     "Priority",
     "RunDirectoryError",
     "RunDirectoryInUseError",
+    "StorageError",
     "SummaryRecord",
     "TrainState",
     "Trainer",

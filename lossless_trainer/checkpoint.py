@@ -14,7 +14,12 @@ network file systems do).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
+import dataclasses
+import errno
+import hashlib
 import os
 import re
 import tempfile
@@ -23,9 +28,13 @@ from typing import Any
 
 import torch
 
+from .errors import StorageError
+
 __all__ = [
     "CheckpointError",
+    "StorageError",
     "checkpoint_path",
+    "checkpoint_step",
     "list_checkpoints",
     "load_checkpoint",
     "load_newest_valid",
@@ -33,9 +42,14 @@ __all__ = [
     "remove_stale_temporaries",
     "save_atomic",
     "set_aside_newer",
+    "os_error",
+    "state_digest",
+    "storage_error",
 ]
 
-FORMAT_VERSION = 1
+# 2: with a checksum. Files of format 1 (no checksum) still load, unverified.
+FORMAT_VERSION = 2
+_READABLE = (1, 2)
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 _TMP_PREFIX = ".tmp-"
 
@@ -47,6 +61,13 @@ class CheckpointError(RuntimeError):
 def checkpoint_path(directory: str, step: int) -> str:
     """Where the checkpoint of `step` lives in `directory`."""
     return os.path.join(directory, f"step-{step:09d}.pt")
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step a checkpoint's file name says (``step-000000020.pt``: 20), or None for
+    another name (``best.pt``)."""
+    match = _NAME.match(os.path.basename(path))
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
@@ -65,23 +86,135 @@ def save_atomic(state: dict[str, Any], path: str) -> None:
     """Write `state` to `path` so that a crash at any instant leaves either the old
     file or the complete new one, never a partial file under the final name.
 
-    Writes a temporary file in the same directory, flushes and fsyncs it, renames it
-    over `path` with `os.replace`, then fsyncs the directory so the rename is durable.
+    Adds ``state["checksum"]``, the sha256 of its contents (`state_digest`), which
+    `load_checkpoint` verifies. Writes a temporary file in the same directory, flushes
+    and fsyncs it, renames it over `path` with `os.replace`, then fsyncs the directory
+    so the rename is durable.
+
+    Raises:
+        StorageError: the file system refused the write (no space, read-only, no
+            permission): names `path`, the checkpoints still intact, and what to do.
+            The temporary file is removed.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
+    state = {key: value for key, value in state.items() if key != "checksum"}
+    state["checksum"] = state_digest(state)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        cause = os_error(exc)
+        if cause is None:
+            raise
+        raise storage_error(cause, "writing checkpoint", path, directory) from exc
     _fsync_directory(directory)
+
+
+def storage_error(cause: OSError, action: str, path: str, checkpoint_dir: str
+                  ) -> StorageError:
+    """A `StorageError` for `cause` (raised while `action` `path`): what failed, which
+    checkpoints in `checkpoint_dir` are intact, and how to continue."""
+    reason = cause.strerror or str(cause)
+    code = errno.errorcode.get(cause.errno or -1)
+    existing = [p for _, p in list_checkpoints(checkpoint_dir)
+                if os.path.abspath(p) != os.path.abspath(path)]
+    if existing:
+        intact = (f"The {len(existing)} earlier checkpoint(s) in {checkpoint_dir} are "
+                  f"intact; the newest is {os.path.basename(existing[-1])}, which a rerun "
+                  "of the same command resumes from")
+    else:
+        intact = f"No checkpoint had been written in {checkpoint_dir} yet"
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = ("Free space on that file system (delete other files there, or lower "
+               "keep_last), then rerun the same command")
+    elif cause.errno == errno.EROFS:
+        fix = ("The file system is read-only (it may have been remounted so after disk "
+               "errors); make it writable, then rerun the same command")
+    elif cause.errno in (errno.EACCES, errno.EPERM):
+        fix = "Give this process write permission there, then rerun the same command"
+    else:
+        fix = "Fix the file system, then rerun the same command"
+    return StorageError(f"{action} {path} failed: {reason}"
+                        f"{f' ({code})' if code else ''}. {intact}. {fix}.",
+                        cause.errno, path)
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`, if any: torch.save reports a failed write as a
+    RuntimeError (``unexpected pos``) with the OSError as its cause."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def state_digest(state: Any) -> str:
+    """The sha256 of a checkpoint's contents: the bytes of every tensor, with its dtype
+    and shape, and the structure and plain values around them, in order.
+
+    A bit flipped anywhere in a tensor's data (which ``torch.load`` does not detect: it
+    checks no CRC) or in the values around them changes it. Tensors off the CPU are
+    copied there first. The tensors' bytes are hashed in blocks of `_BLOCK` bytes on a
+    thread pool (hashlib releases the GIL), and the result is the sha256 of the
+    structure and of every block's sha256.
+    """
+    structure = hashlib.sha256()
+    blocks: list[Any] = []  # memoryviews of the tensors' bytes, in order
+    keep: list[torch.Tensor] = []  # the CPU copies those views read
+    _feed(structure, state, blocks, keep)
+    if len(blocks) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)
+                                                   ) as pool:
+            digests = list(pool.map(lambda block: hashlib.sha256(block).digest(), blocks))
+    else:
+        digests = [hashlib.sha256(block).digest() for block in blocks]
+    for digest in digests:
+        structure.update(digest)
+    return structure.hexdigest()
+
+
+_BLOCK = 16 << 20
+
+
+def _feed(digest: Any, value: Any, blocks: list[Any], keep: list[torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        tensor = tensor.contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:  # the tensor's memory, read in place
+            keep.append(tensor)
+            data = memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+            blocks.extend(data[i:i + _BLOCK] for i in range(0, nbytes, _BLOCK))
+    elif isinstance(value, dict):
+        digest.update(b"{%d;" % len(value))
+        for key, item in value.items():
+            _feed(digest, key, blocks, keep)
+            _feed(digest, item, blocks, keep)
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"%s%d;" % (type(value).__name__.encode(), len(value)))
+        for item in value:
+            _feed(digest, item, blocks, keep)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        digest.update(f"D{type(value).__qualname__};".encode())
+        for item in dataclasses.fields(value):
+            _feed(digest, getattr(value, item.name), blocks, keep)
+    else:  # None, bool, int, float, str, bytes, torch.dtype, torch.device, ...
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
 
 
 def _fsync_directory(directory: str) -> None:
@@ -108,11 +241,19 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be loaded: {_short(exc)}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format") not in _READABLE:
         raise CheckpointError(
             f"checkpoint {path} is not a lossless_trainer checkpoint of format "
-            f"{FORMAT_VERSION}"
+            f"{' or '.join(map(str, _READABLE))}"
         )
+    expected = state.pop("checksum", None)
+    if expected is None and state["format"] >= 2:
+        raise CheckpointError(f"checkpoint {path} has no checksum, which every checkpoint "
+                              f"of format {state['format']} carries: it is corrupt")
+    if expected is not None and state_digest(state) != expected:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the checksum written "
+            "with it (a bit changed on disk or in a copy since it was saved)")
     return state
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["ModelOutputError", "NonFiniteLossError", "RunDirectoryError", "RunDirectoryInUseError"]
+__all__ = [
+    "ModelOutputError",
+    "NonFiniteLossError",
+    "RunDirectoryError",
+    "RunDirectoryInUseError",
+    "StorageError",
+]
 
 
 class ModelOutputError(ValueError):
@@ -30,3 +36,17 @@ class RunDirectoryError(RuntimeError):
 class RunDirectoryInUseError(RunDirectoryError):
     """Another run holds the run directory's lock. Names the holder (pid, host, start
     time, command); nothing in the directory was read or changed."""
+
+
+class StorageError(OSError):
+    """Writing a checkpoint or a log file failed in the file system (no space left, a
+    read-only file system, permission denied). The message names the file, says which
+    checkpoints are intact and how to continue; `errno` and `filename` are the
+    underlying error's, so ``except OSError`` and ``exc.errno == errno.ENOSPC`` work."""
+
+    def __init__(self, message: str, errno: int | None, filename: str) -> None:
+        super().__init__(errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .checkpoint import (
     CheckpointError,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     load_newest_valid,
@@ -345,7 +346,8 @@ def _python_rng_from_plain(state: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
-                           load_state_dict: Callable[[dict[str, Any]], None]) -> str | None:
+                           load_state_dict: Callable[[dict[str, Any]], None],
+                           batches_per_epoch: int | None = None) -> str | None:
     """Find the checkpoint `resume` points to and load it with `load_state_dict`.
 
     Rank 0 chooses (and, with ``"auto"``, verifies by loading it); every rank then
@@ -356,6 +358,8 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
         checkpoint_dir: The run's checkpoint directory.
         dist: This process's place in the run.
         load_state_dict: Applies a loaded state (`Trainer.load_state_dict`).
+        batches_per_epoch: The data's batches per epoch on this rank, when known: a
+            checkpoint's position in the epoch must lie within it.
 
     Returns:
         The path resumed from, or None for a fresh start.
@@ -389,6 +393,7 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
     if path is None:
         return None
     state = dist.read_checkpoint(path, preloaded.get("state"), load_checkpoint)
+    check_counters(state, path, batches_per_epoch)
     try:
         load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -401,6 +406,114 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
         for moved in set_aside_newer(checkpoint_dir, state["trainer"]["step"]):
             logger.warning("set aside %s: it is newer than the checkpoint resumed from", moved)
     return path
+
+
+def check_counters(state: dict[str, Any], path: str, batches_per_epoch: int | None) -> None:
+    """Refuse a checkpoint whose counters cannot be true: negative, a step that is not
+    the one its file name says, or a position past the end of the epoch.
+
+    Raises:
+        CheckpointError: naming the field, its value and the file.
+    """
+    counters = state.get("trainer")
+    if not isinstance(counters, dict):
+        raise CheckpointError(f"checkpoint {path} has no trainer counters")
+    for field in ("step", "epoch", "batch_in_epoch"):
+        value = counters.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(
+                f"checkpoint {path} is inconsistent: trainer.{field} is {value!r}, not a "
+                "count (an int >= 0); the file was not written by this library as it is")
+    named = checkpoint_step(path)
+    if named is not None and named != counters["step"]:
+        raise CheckpointError(
+            f"checkpoint {path} is inconsistent: trainer.step is {counters['step']}, but the "
+            f"file is named for step {named}; it was renamed or its contents replaced. "
+            "Resume from the file of its own step, or pass another one with resume=")
+    if batches_per_epoch is not None and counters["batch_in_epoch"] > batches_per_epoch:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run's data: trainer.batch_in_epoch is "
+            f"{counters['batch_in_epoch']}, past the end of an epoch of {batches_per_epoch} "
+            "batches; was the data (its size, batch size or number of processes) changed?")
+
+
+def optimizer_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's class and, per parameter group, the hyperparameters it was built
+    with, as a checkpoint keeps them (`compare_optimizers` reads them back).
+
+    Taken when the Trainer builds the optimizer, before an lr scheduler changes ``lr``
+    (or, for a scheduler built earlier, from its ``initial_lr``). Implementation flags
+    (`IMPLEMENTATION_FLAGS`) and values that are not plain are left out.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        values = {key: value for key, value in group.items()
+                  if key not in ("params", "initial_lr", *IMPLEMENTATION_FLAGS)
+                  and _plain(value)}
+        if "initial_lr" in group:
+            values["lr"] = group["initial_lr"]
+        groups.append(values)
+    kind = type(optimizer)
+    return {"class": f"{kind.__module__}.{kind.__qualname__}", "groups": groups}
+
+
+# Options that change how an optimizer computes, not what; not compared (a resumed run
+# keeps the checkpoint's, as Optimizer.load_state_dict does).
+IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
+
+
+def compare_optimizers(saved: dict[str, Any] | None, current: dict[str, Any],
+                       has_scheduler: bool) -> list[tuple[int, str, Any, Any]]:
+    """How this run's optimizer differs from the checkpoint's: ``(group, key, saved
+    value, this run's value)`` for every hyperparameter both set differently.
+
+    The rule: a different class, or another number of parameter groups, is refused; a
+    changed hyperparameter is the run's (the caller applies it and warns), except a
+    changed ``lr`` under an lr scheduler, which is refused, as the schedule restored
+    from the checkpoint was built on the old one.
+
+    Raises:
+        ValueError: a difference that is refused, saying what differs.
+    """
+    if saved is None:  # a checkpoint from before optimizer records: nothing to compare
+        return []
+    if saved["class"] != current["class"]:
+        raise ValueError(
+            f"it was written with the optimizer {saved['class']}, and this run's is "
+            f"{current['class']}; their states do not carry over. Use the same optimizer to "
+            "resume, or start a new run (another log_dir) from the model's weights")
+    if len(saved["groups"]) != len(current["groups"]):
+        raise ValueError(
+            f"its optimizer has {len(saved['groups'])} parameter groups, and this run's has "
+            f"{len(current['groups'])}")
+    changes = []
+    for index, (before, now) in enumerate(zip(saved["groups"], current["groups"])):
+        for key in [key for key in now if key in before]:  # in the optimizer's own order
+            if not _same(before[key], now[key]):
+                changes.append((index, key, before[key], now[key]))
+    refused = [c for c in changes if c[1] == "lr"] if has_scheduler else []
+    if refused:
+        group, _, old, new = refused[0]
+        raise ValueError(
+            f"lr of parameter group {group} is {new} in this run and was {old}, but the "
+            "lr_scheduler continues from the checkpoint, whose schedule was built on "
+            f"{old}. Resume with lr={old}, or start a new run (another log_dir) from the "
+            "model's weights with the new schedule")
+    return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
 
 
 # -- signals --------------------------------------------------------------------------

@@ -42,6 +42,8 @@ from .options import (
 from .precision import Precision
 from .resume import (
     DataCursor,
+    compare_optimizers,
+    optimizer_record,
     resume_from_checkpoint,
     seed_everything,
     stop_on_signals,
@@ -209,6 +211,9 @@ class Trainer:
         # Whether the backward all-reduces gradients, which accumulation can skip.
         self._syncs_gradients = self.dist.enabled or self._wrapped_no_sync is not None
         self.optimizer = build_optimizer(optimizer, self.model)
+        # What it was built with, before a scheduler changes lr: checkpoints keep it, and
+        # a resume compares it with the checkpoint's (resume.compare_optimizers).
+        self._optimizer_record = optimizer_record(self.optimizer)
         self.precision = Precision(precision, self.device)
         self.lr_scheduler = build_scheduler(lr_scheduler, self.optimizer)
         self.grad_accum_steps = grad_accum_steps
@@ -396,7 +401,8 @@ class Trainer:
                 # start every rank from rank 0's weights whatever the seed.
                 seed_everything(self.seed + dist.rank)
             self.resumed_from = resume_from_checkpoint(self.resume, self.checkpoint_dir,
-                                                       dist, self.load_state_dict)
+                                                       dist, self.load_state_dict,
+                                                       length(self.data))
             self._prepared = True
             dist.check_data(self.data, self._data_sharded)
         # Read at every fit: the limits may have been raised since the last one.
@@ -746,6 +752,7 @@ class Trainer:
                         "batch_in_epoch": self.state.batch_in_epoch},
             "model": model_state,
             "optimizer": optimizer_state,
+            "optimizer_record": self._optimizer_record,
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "means": self._means.state_dict(),
@@ -764,12 +771,15 @@ class Trainer:
             ValueError: the checkpoint was written by a different number of processes.
         """
         state = self.dist.own_part(state)
-        self.dist.load_model_optimizer_state(self.model, self.optimizer, state["model"],
-                                             state["optimizer"])
         if (state["lr_scheduler"] is None) != (self.lr_scheduler is None):
             raise ValueError("the checkpoint and this run disagree on having an lr_scheduler")
+        changes = compare_optimizers(state.get("optimizer_record"), self._optimizer_record,
+                                     self.lr_scheduler is not None)
+        self.dist.load_model_optimizer_state(self.model, self.optimizer, state["model"],
+                                             state["optimizer"])
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._apply_optimizer_changes(changes)
         self.precision.load_state_dict(state["precision"])
         self._means.load_state_dict(state.get("means", {}))
         counters = state["trainer"]
@@ -778,6 +788,20 @@ class Trainer:
         self.cursor.load_state_dict(state)
         self.hooks.load_state_dict(state["hooks"])
         self.sink.load_state_dict(state["summary"])
+
+    def _apply_optimizer_changes(self, changes: list[tuple[int, str, Any, Any]]) -> None:
+        """This run's hyperparameters win over the checkpoint's (its state, such as
+        momentum buffers, is kept); each change is listed in a warning. Implementation
+        flags (``foreach``, ``fused``, ...) stay the checkpoint's, as
+        ``Optimizer.load_state_dict`` leaves them: its state was laid out for them."""
+        groups = self.optimizer.param_groups
+        for index, key, _, new in changes:
+            groups[index][key] = new
+        if changes:
+            listed = "; ".join(f"group {index} {key}: {old!r} -> {new!r}"
+                               for index, key, old, new in changes)
+            warnings.warn(f"this run's optimizer hyperparameters differ from the checkpoint's, "
+                          f"and this run's are used: {listed}", stacklevel=3)
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write `state_dict` to `path` atomically (a crash leaves the old file or the new

@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .checkpoint import os_error, storage_error
+from .errors import StorageError
 from .summary import SummaryRecord
 
 __all__ = [
@@ -82,20 +84,25 @@ def open_writers(log_dir: str, start_step: int | None,
             dropped. None appends and drops nothing.
         extra: The `writers=` option of the Trainer.
     """
-    os.makedirs(log_dir, exist_ok=True)
     opened: list[Writer] = []
     try:
-        opened.append(TensorBoardWriter(
-            log_dir, purge_step=None if start_step is None else start_step + 1))
+        os.makedirs(log_dir, exist_ok=True)
+        # metrics.jsonl first: on a resume its rewrite is the first write of the run.
         opened.append(JSONLinesWriter(os.path.join(log_dir, "metrics.jsonl"),
                                       keep_until=start_step))
+        opened.append(TensorBoardWriter(
+            log_dir, purge_step=None if start_step is None else start_step + 1))
         for spec in extra:
             opened.append(open_writer(spec, log_dir, start_step))
-    except BaseException:
+    except BaseException as exc:
         for writer in opened:  # release the files of those already open
             with contextlib.suppress(Exception):
                 writer.close()
-        raise
+        cause = os_error(exc)
+        if cause is None or isinstance(exc, StorageError):
+            raise
+        raise storage_error(cause, "opening the logs in", log_dir,
+                            os.path.join(log_dir, "checkpoints")) from exc
     return opened
 
 
@@ -155,7 +162,8 @@ class TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self._summary = Summary
-        self._writer = SummaryWriter(os.fspath(log_dir), purge_step=purge_step)
+        self.path = os.fspath(log_dir)  # where its event files go, for errors
+        self._writer = SummaryWriter(self.path, purge_step=purge_step)
 
     def write(self, record: SummaryRecord) -> None:
         if record.scalars:
@@ -224,6 +232,8 @@ class JSONLinesWriter:
 
 
 def _truncate_jsonl(path: str, keep_until: int) -> None:
+    """Rewrite `path` with its lines up to step `keep_until`, atomically: a failure
+    (a full disk) leaves the file as it was and no temporary file."""
     kept = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -234,11 +244,22 @@ def _truncate_jsonl(path: str, keep_until: int) -> None:
             if step <= keep_until:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise storage_error(exc, "rewriting", path, _checkpoints_of(path)) from exc
+
+
+def _checkpoints_of(path: str) -> str:
+    """The checkpoint directory of the run whose log file (or directory) is `path`."""
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return os.path.join(run_dir, "checkpoints")
 
 
 class BackgroundWriter:
@@ -250,6 +271,10 @@ class BackgroundWriter:
     times a second, so waking once per record would cost more than the writing itself.
     Records are written in order. `close` drains everything, then closes every writer
     even if one fails.
+
+    A writer's failure is raised on the training thread at the next `write`, `flush`
+    or `close`; a file-system failure (a full disk) as a `StorageError` naming the
+    writer's file and the run's intact checkpoints.
 
     Args:
         writers: Writers with `write(record)`, optional `flush()`, and `close()`.
@@ -265,6 +290,7 @@ class BackgroundWriter:
         self._handed_at = time.monotonic()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._failed: Writer | None = None
         self._thread = threading.Thread(target=self._run, name="lossless_trainer-writer",
                                         daemon=True)
         self._thread.start()
@@ -286,11 +312,16 @@ class BackgroundWriter:
                         flush()
                 except BaseException as exc:  # surfaced on the training thread
                     if self._error is None:
-                        self._error = exc
+                        self._error, self._failed = exc, writer
 
     def _raise_pending(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            cause = os_error(error)
+            path = getattr(self._failed, "path", None)
+            if cause is not None and path is not None:
+                raise storage_error(cause, "writing logs to", path,
+                                    _checkpoints_of(path)) from error
             raise RuntimeError(f"writing summaries failed in the background: {error!r}") \
                 from error
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -204,6 +205,23 @@ def train(log_dir, max_steps: int | None = 24, num_workers: int = 0, *,
                       max_steps=max_steps, log_dir=str(log_dir), **{**defaults, **options})
     trainer.fit()
     return trainer, built
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str = "1m") -> Iterator[Path]:
+    """A small tmpfs mounted at `mount` for the block (a full disk, a read-only file
+    system); skips the test where mounting is not allowed (not root, no capability)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def read_metrics(log_dir: str | os.PathLike[str]) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyClassifier, make_batches, read_metrics
+from conftest import TinyClassifier, make_batches, read_metrics, tmpfs
 
 from lossless_trainer import Hook, RunDirectoryError, RunDirectoryInUseError, Trainer
 from lossless_trainer.resume import clear_termination, termination_signal
@@ -163,19 +163,9 @@ def test_a_file_or_an_uncreatable_log_dir_is_refused_before_training(tmp_path):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A directory on a read-only file system: a tmpfs mounted read-only (needs root)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A directory on a file system the test can make read-only: a tmpfs (needs root)."""
+    with tmpfs(tmp_path / "ro") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_a_finished_run_in_a_read_only_directory_is_refused_clearly(tmp_path, read_only_dir):
