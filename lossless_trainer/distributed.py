@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import math
 import os
 import re
@@ -128,7 +129,14 @@ class Distributed:
                         "the rendezvous variables for every process"
                     )
             backend = "nccl" if resolved.type == "cuda" else "gloo"
-            dist.init_process_group(backend, device_id=resolved if backend == "nccl" else None)
+            device_id = resolved if backend == "nccl" else None
+            store = _attempt_store()
+            if store is None:
+                dist.init_process_group(backend, device_id=device_id)
+            else:
+                dist.init_process_group(backend, device_id=device_id, store=store,
+                                        rank=int(os.environ["RANK"]),
+                                        world_size=_env_world_size())
             atexit.register(_destroy_process_group)
         _control_group()  # collective: every rank builds the Trainer at the same point
         return cls(resolved, "ddp" if strategy == "auto" else strategy)
@@ -572,6 +580,35 @@ def _resolve_device(device: str | torch.device | None, local_rank: int | None) -
         device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     # Normalise "cuda" to "cuda:<current>" so device comparisons on tensors are exact.
     return torch.empty(0, device=device).device
+
+
+# How long a worker waits to reach torchrun's store before failing (instead of the
+# default 30 minutes of a broken rendezvous); LOSSLESS_TRAINER_STORE_TIMEOUT in seconds.
+_STORE_TIMEOUT_S = 300
+
+
+def _attempt_store() -> Any:
+    """Under ``torchrun --max-restarts``, the store this attempt's workers build their
+    process group on: torchrun's own TCPStore, under a prefix of this attempt.
+
+    torchrun's agent hosts one TCPStore for every attempt of the job (it shares its
+    rendezvous store with the workers), and torch 2.13's env:// rendezvous does not
+    prefix the workers' keys per attempt (it assumes a new store per attempt). The keys
+    of a killed attempt then stay, and a restarted worker can read a dead peer's address
+    instead of its successor's: the restart fails to connect, or waits 30 minutes. A
+    prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) gives every attempt keys of its
+    own. The store timeout bounds how long a rendezvous that cannot complete waits. None when
+    torchrun does not share its store (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, where
+    rank 0 hosts a new store per attempt) or outside torchelastic.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    timeout = datetime.timedelta(seconds=float(os.environ.get(
+        "LOSSLESS_TRAINER_STORE_TIMEOUT", _STORE_TIMEOUT_S)))
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           _env_world_size(), is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/lossless_trainer/attempt_{attempt}", client)
 
 
 def _control_group() -> Any:

@@ -24,6 +24,7 @@ rank saves its own to OUT/<name>-rank<r>.pt.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -339,6 +340,75 @@ def resume(out: str) -> None:
                          "resumed_from": trainer.resumed_from, "step": trainer.state.step})
 
 
+def elastic(out: str) -> None:
+    """A run that torchrun --max-restarts restarts after one of its workers is killed.
+
+    ``KILL=<point>:<step>`` kills a worker once (a marker file remembers it) with
+    SIGKILL: ``forward`` (rank 1, inside the forward of that step), ``after_step`` (rank
+    1), ``epoch`` (rank 1, as the epoch after that step begins), ``save`` (rank 0,
+    halfway through writing that step's checkpoint), ``first`` (rank 1 after that step,
+    then again in the first step after the restart's resume: two restarts). The final
+    parameters and optimizer state go to ``elastic-rank<r>.pt``.
+    """
+    point, _, at = os.environ.get("KILL", ":0").partition(":")
+    at = int(at or 0)
+    marker = os.path.join(out, "killed")
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def kill(where: str, step: int, mark: str = marker) -> None:
+        if where == point and step == at and not os.path.exists(mark):
+            open(mark, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class Kill(Hook):
+        def before_step(self, trainer):
+            if rank == 1 and point == "epoch" and trainer.state.batch_in_epoch == 0:
+                kill("epoch", trainer.state.step)
+            if rank == 1 and point == "first" and restarts == 1 and \
+                    trainer.state.step == self.resumed_at:
+                kill("first", at, marker + "2")  # the first step of the restart
+
+        def before_train(self, trainer):
+            self.resumed_at = trainer.state.step
+
+        def after_step(self, trainer):
+            if rank == 1 and point in ("after_step", "first"):
+                kill(point, trainer.state.step)
+
+    class KillInForward(Regressor):
+        def forward(self, batch):
+            if rank == 1 and self.training:
+                kill("forward", trainer.state.step + 1)
+            return super().forward(batch)
+
+    if rank == 0 and point == "save":
+        real_save = torch.save
+
+        def half_then_die(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("trainer", {}).get("step") == at \
+                    and hasattr(f, "write") and not os.path.exists(marker):
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *args, **kwargs)
+                f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+                f.flush()
+                kill("save", at)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = half_then_die
+
+    torch.manual_seed(0)
+    model = KillInForward(dropout=0.2)
+    trainer = Trainer(model, DataLoader(dataset(), batch_size=8, shuffle=True), seed=3,
+                      optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_epochs=3,
+                      log_every=2, checkpoint_every=3, log_dir=os.path.join(out, "run"),
+                      progress=False, callbacks=[Kill()])
+    trainer.fit()
+    save(out, "elastic", {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                          "optimizer": trainer.optimizer.state_dict(), "restarts": restarts,
+                          "resumed_from": trainer.resumed_from, "step": trainer.state.step})
+
+
 MEAN_STEPS = 4
 
 
@@ -433,4 +503,5 @@ def locked(out: str) -> None:
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     {"equivalence": equivalence, "optional": optional, "resume": resume,
-     "fsdp": lambda o: equivalence(o, "fsdp"), "means": means, "locked": locked}[mode](out)
+     "fsdp": lambda o: equivalence(o, "fsdp"), "means": means, "locked": locked,
+     "elastic": elastic}[mode](out)

@@ -15,7 +15,7 @@ from dist_script import MEAN_STEPS, AccuracyLM, Regressor, TwoHeads, dataset
 from torch.utils.data import DataLoader
 
 from lossless_trainer import Trainer, write_summary
-from lossless_trainer.checkpoint import CheckpointError
+from lossless_trainer.checkpoint import CheckpointError, save_atomic
 from lossless_trainer.distributed import combine_totals
 
 SCRIPT = Path(__file__).resolve().parent / "dist_script.py"
@@ -83,10 +83,11 @@ def test_ddp_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
     assert first["rank/max"] == 1.0
     assert first["rank/none"] == 10.0  # rank 0's own
     assert first["only_rank1"] == 3.0  # a key on one rank only: no deadlock, no crash
-    # Only rank 0 writes: one event file and one metrics file, nothing from rank 1.
+    # Only rank 0 writes: one event file and one metrics file, nothing from rank 1, and
+    # the run directory's lock, which rank 0 took.
     files = sorted(os.listdir(out / "plain"))
-    assert [f for f in files if f.startswith("events.out.tfevents")] == [files[1]]
-    assert files == ["checkpoints", files[1], "metrics.jsonl"]
+    assert [f for f in files if f.startswith("events.out.tfevents")] == [files[2]]
+    assert files == [".lossless_trainer.lock", "checkpoints", files[2], "metrics.jsonl"]
     assert not (out / "runs").exists()
 
 
@@ -222,7 +223,7 @@ def test_a_checkpoint_from_another_world_size_is_refused_clearly(tmp_path):
     state = torch.load(path, weights_only=True)
     state["world_size"] = 2
     state["ranks"] = [{k: state[k] for k in ("rng", "data", "hooks", "summary")}] * 2
-    torch.save(state, path)
+    save_atomic(state, str(path))  # with the checksum of what it now holds
     trainer = Trainer(Regressor(), DataLoader(dataset(32), batch_size=8), max_steps=4, **kwargs)
     with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) and this run has 1"
                                               r".*--nproc_per_node=2"):
@@ -331,3 +332,41 @@ def test_a_held_run_directory_stops_every_rank_with_the_holders_name(tmp_path):
         assert f"is in use by another run: pid {os.getpid()}" in message
     assert "(raised on rank 0)" in load(out, "locked", 1)["error"]
     assert os.listdir(out / "held") == [".lossless_trainer.lock"]  # nothing else written
+
+
+# --------------------------------------------------------------------------- elastic restarts
+
+
+@pytest.fixture(scope="module")
+def elastic_reference(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("elastic-reference")
+    torchrun("elastic", out)
+    return load(out, "elastic")
+
+
+# A worker SIGKILLed inside a forward, halfway through writing a checkpoint (rank 0), as
+# an epoch begins, after a step, and twice (then again in the restart's first step).
+@pytest.mark.parametrize("kill", ["forward:7", "save:9", "epoch:12", "after_step:20",
+                                  "first:8"])
+def test_torchrun_max_restarts_recovers_from_a_killed_worker_bit_identically(
+        tmp_path, kill, elastic_reference):
+    out = tmp_path / "elastic"
+    out.mkdir()
+    env = {key: value for key, value in os.environ.items()
+           if key != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}  # torchrun's default: shared
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--max-restarts=3", str(SCRIPT), "elastic", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=out, check=False,
+        env={**env, "OMP_NUM_THREADS": "1", "KILL": kill})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (out / "killed").exists()  # the kill happened, and torchrun restarted the workers
+    for rank in (0, 1):
+        final = load(out, "elastic", rank)
+        assert final["restarts"] == (2 if kill.startswith("first") else 1)
+        assert final["resumed_from"] is not None and final["step"] == 36
+        for key, value in elastic_reference["params"].items():
+            assert torch.equal(final["params"][key], value), (kill, rank, key)
+        for index, state in elastic_reference["optimizer"]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(final["optimizer"]["state"][index][key], value)
