@@ -23,14 +23,18 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import StorageError
 
 __all__ = [
+    "BackgroundSaver",
     "CheckpointError",
     "StorageError",
     "checkpoint_path",
@@ -42,6 +46,7 @@ __all__ = [
     "remove_stale_temporaries",
     "save_atomic",
     "set_aside_newer",
+    "stage_to_cpu",
     "os_error",
     "state_digest",
     "storage_error",
@@ -117,6 +122,70 @@ def save_atomic(state: dict[str, Any], path: str) -> None:
             raise
         raise storage_error(cause, "writing checkpoint", path, directory) from exc
     _fsync_directory(directory)
+
+
+def stage_to_cpu(state: Any) -> Any:
+    """`state` with every tensor replaced by a CPU copy of its own, so training can go on
+    changing the originals while the copy is written. Tensors that share memory (tied
+    weights) share their copy too, as ``torch.save`` would store them."""
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def copy(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(),
+               tuple(value.shape), value.stride(), value.dtype)
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", copy=True)
+        return copies[key]
+
+    return pytree.tree_map(copy, state)
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a background thread, one at a time: what
+    ``Trainer(async_checkpoint=True)`` uses.
+
+    `submit` first waits for the write before it (raising that write's error), then
+    writes `state`, whose tensors must be the saver's own (`stage_to_cpu`), with
+    `save_atomic`, and calls `then` (pruning) once the file is complete. A process
+    killed meanwhile leaves the previous checkpoint as the newest valid one: the new one
+    exists only once renamed into place. `wait` blocks until the write is done.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, state: dict[str, Any], path: str,
+               then: Callable[[], None] | None = None) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_atomic(state, path)
+                if then is not None:
+                    then()
+            except BaseException as exc:  # raised on the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="lossless_trainer-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write is under way."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write under way is complete; raise its error, if it failed."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def storage_error(cause: OSError, action: str, path: str, checkpoint_dir: str

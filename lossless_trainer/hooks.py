@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import checkpoint_path, prune_checkpoints
+from .checkpoint import checkpoint_path
 from .data import batch_size as infer_batch_size
 from .errors import ModelOutputError, NonFiniteLossError
 from .means import Mean
@@ -506,10 +506,9 @@ class CheckpointHook(Hook):
         """Write a checkpoint of the current step; return its path."""
         _refuse_nonfinite_weights(trainer)
         path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
-        trainer.save_checkpoint(path)  # under torchrun: every rank, rank 0 writes
-        if trainer.dist.is_main:
-            prune_checkpoints(trainer.checkpoint_dir, self.keep_last, just_saved=path)
-            logger.info("saved checkpoint %s", path)
+        # Under torchrun every rank calls it, rank 0 writes; it prunes once the file is
+        # complete (with async_checkpoint, in the background).
+        trainer.save_checkpoint(path, keep_last=self.keep_last)
         self.last_saved = trainer.state.step
         return path
 

@@ -28,7 +28,7 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
                   checkpoint_every: Any, grad_accum_steps: Any, eval_every: Any,
                   eval_data: Any, clip_grad_norm: Any, clip_grad_value: Any, keep_last: Any,
                   resume: Any, finite_check: Any, compile: Any,  # noqa: A002
-                  batch_size: Any = None) -> None:
+                  batch_size: Any = None, async_checkpoint: Any = False) -> None:
     """Raise `TypeError`/`ValueError` for the first option that cannot work."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -58,6 +58,8 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
     if batch_size is not None and not callable(batch_size):
         raise TypeError(f"batch_size must be a function batch -> number of samples (or None "
                         f"when unknown), got {type(batch_size).__name__}")
+    if not isinstance(async_checkpoint, bool):
+        raise TypeError(f"async_checkpoint must be True or False, got {async_checkpoint!r}")
     if finite_check not in ("flush", "step"):
         raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
     if compile and not isinstance(compile, (bool, dict)):

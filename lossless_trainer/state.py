@@ -168,8 +168,13 @@ class TrainerView(Protocol):
         """Evaluate the model (see `Trainer.evaluate`); every rank must call it."""
         ...
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+    def save_checkpoint(self, path: str | os.PathLike[str], keep_last: int | None = None
+                        ) -> None:
         """Write a full checkpoint atomically (see `Trainer.save_checkpoint`)."""
+        ...
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until a checkpoint written in the background is on disk."""
         ...
 
     def publish(self, record: SummaryRecord) -> None:

@@ -21,7 +21,13 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from .checkpoint import FORMAT_VERSION, save_atomic
+from .checkpoint import (
+    FORMAT_VERSION,
+    BackgroundSaver,
+    prune_checkpoints,
+    save_atomic,
+    stage_to_cpu,
+)
 from .data import is_one_shot, length, micro_batch_groups, move_to_device
 from .distributed import Distributed
 from .errors import ModelOutputError, NonFiniteLossError
@@ -125,6 +131,10 @@ class Trainer:
             saved when training ends without an error (including on SIGTERM/SIGINT).
         keep_last: Checkpoints to keep in ``<log_dir>/checkpoints/``. ``0`` writes none
             (an existing one is still resumed from).
+        async_checkpoint: Write checkpoints on a background thread: the step waits only
+            while the state is copied to the CPU. A save waits for the one before it,
+            and `fit` waits for the last before it returns (after a SIGTERM too). A
+            kill during a write leaves the previous checkpoint as the newest valid one.
         resume: ``"auto"`` continues from the newest valid checkpoint in the run directory
             if there is one, else starts fresh. ``False`` starts fresh (and refuses a run
             directory that already holds checkpoints). A path resumes from that file.
@@ -179,6 +189,7 @@ class Trainer:
         evaluators: Sequence[Evaluator] = (),
         checkpoint_every: int | None = None,
         keep_last: int = 3,
+        async_checkpoint: bool = False,
         resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
         handle_signals: bool = True,
         strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -191,7 +202,8 @@ class Trainer:
                       grad_accum_steps=grad_accum_steps, eval_every=eval_every,
                       eval_data=eval_data, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, keep_last=keep_last, resume=resume,
-                      finite_check=finite_check, compile=compile, batch_size=batch_size)
+                      finite_check=finite_check, compile=compile, batch_size=batch_size,
+                      async_checkpoint=async_checkpoint)
         self.extra_writers = check_writers(writers)
         self.dist = Distributed.setup(device, strategy)
         check_strategy(self.dist.strategy, optimizer, precision)
@@ -246,6 +258,8 @@ class Trainer:
         self.log_dir = os.fspath(log_dir) if log_dir is not None \
             else self.dist.on_main(fresh_run_dir)
         self.checkpoint_dir = os.path.join(self.log_dir, "checkpoints")
+        # With async_checkpoint: rank 0 writes checkpoints on a thread of its own.
+        self._saver = BackgroundSaver() if async_checkpoint else None
         self.log_every = log_every
         self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None)
         self.hooks = HookList([*builtin_hooks(evaluate=eval_data is not None,
@@ -474,6 +488,11 @@ class Trainer:
         try:
             self.hooks.teardown("on_exception", self, exc)
             errors = self.hooks.teardown("after_train", self)
+            if self._saver is not None:  # a checkpoint being written is of a good step
+                try:
+                    self._saver.wait()  # this rank's: no collective on a failing rank
+                except Exception as error:
+                    logger.error("the checkpoint being written failed", exc_info=error)
         finally:
             self._close_writers()
         cause = next((e for e in errors if isinstance(e, NonFiniteLossError)), None)
@@ -497,6 +516,10 @@ class Trainer:
             # no more collectives from this rank, so it exits and torchrun stops the job,
             # instead of collectives pairing up wrongly.
             errors = self.hooks.teardown("after_train", self, on_failure=self._stop_collectives)
+            try:
+                self.wait_for_checkpoint()  # the last one, saved just now, is on disk
+            except Exception as exc:
+                errors.append(exc)
         finally:
             errors += self._close_writers()
         return errors
@@ -803,17 +826,41 @@ class Trainer:
             warnings.warn(f"this run's optimizer hyperparameters differ from the checkpoint's, "
                           f"and this run's are used: {listed}", stacklevel=3)
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
+    def save_checkpoint(self, path: str | os.PathLike[str], keep_last: int | None = None
+                        ) -> None:
         """Write `state_dict` to `path` atomically (a crash leaves the old file or the new
         one, never a partial one). Under torchrun every rank calls it; rank 0 writes,
-        and no rank returns before the file is complete.
+        and no rank returns before the file is complete, or with ``async_checkpoint``,
+        before its state is copied to the CPU for the background write
+        (`wait_for_checkpoint` waits for the file).
 
         Within `fit`, everything flushed so far is put on disk first, so the logs reach
         exactly the checkpoint's step: a run resumed from it drops what was logged after.
+
+        Args:
+            path: The file to write.
+            keep_last: Once the file is complete, delete all but the newest `keep_last`
+                checkpoints of its directory (never this one).
         """
         if self.writers is not None:  # rank 0's; a background error is raised on every rank
             self.dist.on_main(self.writers.flush)
         self._means.check()  # a checkpoint does not carry a miscount past its step
         state = self.state_dict()
+        path = os.fspath(path)
+
+        def written() -> None:
+            if keep_last is not None:
+                prune_checkpoints(os.path.dirname(path), keep_last, just_saved=path)
+            logger.info("saved checkpoint %s", path)
+
         # Rank 0 writes; the others wait for its result, and raise its error if it fails.
-        self.dist.on_main(lambda: save_atomic(state, os.fspath(path)))
+        if self._saver is None:
+            self.dist.on_main(lambda: (save_atomic(state, path), written()))
+        else:  # the write before this one must be complete first (its error, every rank's)
+            self.dist.on_main(lambda: self._saver.submit(stage_to_cpu(state), path, written))
+
+    def wait_for_checkpoint(self) -> None:
+        """With ``async_checkpoint``, block until the checkpoint being written is on disk
+        (every rank; rank 0's error is raised on all). `fit` does this before it returns."""
+        if self._saver is not None:
+            self.dist.on_main(self._saver.wait)

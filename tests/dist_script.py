@@ -402,7 +402,8 @@ def elastic(out: str) -> None:
     trainer = Trainer(model, DataLoader(dataset(), batch_size=8, shuffle=True), seed=3,
                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), max_epochs=3,
                       log_every=2, checkpoint_every=3, log_dir=os.path.join(out, "run"),
-                      progress=False, callbacks=[Kill()])
+                      progress=False, callbacks=[Kill()],
+                      async_checkpoint=os.environ.get("ASYNC") == "1")
     trainer.fit()
     save(out, "elastic", {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
                           "optimizer": trainer.optimizer.state_dict(), "restarts": restarts,

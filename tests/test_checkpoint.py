@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lossless_trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_atomic,
+    state_digest,
 )
 
 
@@ -145,8 +147,6 @@ def test_damaged_checkpoints_fall_back_with_a_warning(tmp_path, uninterrupted, d
 
 
 def test_the_checksum_covers_the_values_around_the_tensors(tmp_path):
-    from lossless_trainer.checkpoint import state_digest
-
     base = {"format": 2, "trainer": {"step": 6, "epoch": 0}, "w": torch.arange(6.0),
             "rng": (3, [1, 2], None), "flag": True}
     digest = state_digest(base)
@@ -224,3 +224,58 @@ def test_counters_that_cannot_be_true_are_refused_naming_the_field(tmp_path, fie
     save_atomic(state, path)  # a valid checksum: the counters themselves are wrong
     with pytest.raises(CheckpointError, match=f"step-000000012.pt .*{named}"):
         train(tmp_path, max_steps=24)
+
+
+# --------------------------------------------------------------------------- async_checkpoint
+
+
+def test_async_checkpoints_equal_blocking_ones_and_keep_last_holds(tmp_path):
+    blocking, model = train(tmp_path / "blocking", keep_last=2)
+    background, async_model = train(tmp_path / "async", keep_last=2, async_checkpoint=True)
+    assert same_params(model, async_model)
+    steps = [s for s, _ in list_checkpoints(str(tmp_path / "async" / "checkpoints"))]
+    assert steps == [s for s, _ in list_checkpoints(str(tmp_path / "blocking" / "checkpoints"))]
+    assert steps == [18, 24]
+    for step in steps:
+        ours = load_checkpoint(checkpoint_path(str(tmp_path / "async" / "checkpoints"), step))
+        theirs = load_checkpoint(checkpoint_path(str(tmp_path / "blocking" / "checkpoints"),
+                                                 step))
+        for key, value in theirs["model"].items():
+            assert torch.equal(ours["model"][key], value), (step, key)
+        # Everything else too (optimizer, RNG states, data position, summary window).
+        assert state_digest(ours) == state_digest(theirs)
+
+
+def test_the_step_goes_on_while_a_checkpoint_is_written(tmp_path, monkeypatch):
+    from lossless_trainer import Hook, checkpoint
+
+    real = checkpoint.save_atomic
+    monkeypatch.setattr(checkpoint, "save_atomic",
+                        lambda state, path: (time.sleep(0.5), real(state, path)))
+    seen = {}
+
+    class Watch(Hook):
+        def after_step(self, trainer):
+            seen[trainer.state.step] = trainer._saver.busy
+
+    started = time.perf_counter()
+    trainer, _ = train(tmp_path, max_steps=8, checkpoint_every=6, async_checkpoint=True,
+                       callbacks=[Watch()])
+    # Step 6 saved in the background: steps 7 and 8 ran while it was being written, and
+    # fit waited for the last checkpoint (step 8) before it returned.
+    assert seen[7] and seen[8] and not seen[5]
+    assert time.perf_counter() - started >= 1.0  # both writes happened, one after the other
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [6, 8]
+    assert not trainer._saver.busy
+
+
+def test_a_failed_background_write_is_raised_by_fit(tmp_path, monkeypatch):
+    from lossless_trainer import StorageError, checkpoint
+
+    def full(state, path):
+        raise StorageError(f"writing checkpoint {path} failed: No space left on device", 28,
+                           path)
+
+    monkeypatch.setattr(checkpoint, "save_atomic", full)
+    with pytest.raises(StorageError, match="step-000000006.pt failed: No space left"):
+        train(tmp_path, max_steps=24, async_checkpoint=True)

@@ -345,9 +345,10 @@ def elastic_reference(tmp_path_factory) -> dict:
 
 
 # A worker SIGKILLed inside a forward, halfway through writing a checkpoint (rank 0), as
-# an epoch begins, after a step, and twice (then again in the restart's first step).
+# an epoch begins, after a step, and twice (then again in the restart's first step); and
+# halfway through a checkpoint written in the background (async_checkpoint).
 @pytest.mark.parametrize("kill", ["forward:7", "save:9", "epoch:12", "after_step:20",
-                                  "first:8"])
+                                  "first:8", "save:9:async"])
 def test_torchrun_max_restarts_recovers_from_a_killed_worker_bit_identically(
         tmp_path, kill, elastic_reference):
     out = tmp_path / "elastic"
@@ -358,7 +359,8 @@ def test_torchrun_max_restarts_recovers_from_a_killed_worker_bit_identically(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "--max-restarts=3", str(SCRIPT), "elastic", str(out)],
         capture_output=True, text=True, timeout=240, cwd=out, check=False,
-        env={**env, "OMP_NUM_THREADS": "1", "KILL": kill})
+        env={**env, "OMP_NUM_THREADS": "1", "KILL": kill.removesuffix(":async"),
+             "ASYNC": "1" if kill.endswith(":async") else "0"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert (out / "killed").exists()  # the kill happened, and torchrun restarted the workers
     for rank in (0, 1):

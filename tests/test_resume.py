@@ -98,9 +98,12 @@ def test_sigkill_mid_step_then_rerun_is_bit_identical(tmp_path, reference):
     assert checkpoint_steps(log_dir) == [40, 50, 60]  # keep_last=3
 
 
-def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, reference):
+@pytest.mark.parametrize("asynchronous", ["0", "1"])
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, reference,
+                                                                    asynchronous):
+    # With ASYNC=1 the last checkpoint is written in the background: fit waits for it.
     log_dir, out = tmp_path / "run", tmp_path / "out.pt"
-    proc = start(log_dir, out, PAUSE_AT="23")
+    proc = start(log_dir, out, PAUSE_AT="23", ASYNC=asynchronous)
     wait_for(log_dir / "paused", proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
@@ -120,9 +123,12 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(tmp_path, re
     assert set(FLUSH_STEPS) <= set(steps)
 
 
-def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, reference):
+@pytest.mark.parametrize("asynchronous", ["0", "1"])
+def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path, reference,
+                                                                asynchronous):
+    # With ASYNC=1 the write is on the background thread while training goes on.
     log_dir, out = tmp_path / "run", tmp_path / "out.pt"
-    proc = start(log_dir, out, SLOW_SAVE_AT="20")
+    proc = start(log_dir, out, SLOW_SAVE_AT="20", ASYNC=asynchronous)
     wait_for(log_dir / "saving", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
