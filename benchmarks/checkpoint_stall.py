@@ -1,0 +1,125 @@
+"""How long checkpoint saves stall training: blocking saves against ``async_checkpoint``.
+
+Method: for each case, three kinds of `Trainer.fit` over the same pre-made batches, the
+same number of steps: no checkpoints (``keep_last=0``), a blocking checkpoint every
+``every`` steps, and the same with ``async_checkpoint=True``. They run in interleaved
+rounds (none, blocking, async, none, ...) so the VM's drift affects all alike. Reported,
+as medians over rounds: the wall time of a fit, its ratio against the run with no
+checkpoints, and the stall per save, (T - T_none) / saves. A run's last save happens
+at its end (``fit`` waits for it), so the async figure still contains one whole write:
+the last; the stall of the saves before it is what the step no longer waits for.
+
+Cases: the medium MLP of benchmarks/overhead.py (784-1024-1024-10, 1.9 M parameters,
+AdamW: a 23 MB checkpoint, a save every 10 steps) and an MLP of about 100 M parameters
+(6 layers of 4096: a 1.2 GB checkpoint with AdamW's moments, a save every 8 steps).
+
+    python benchmarks/checkpoint_stall.py            # about 6 minutes on 2 CPU cores
+    python benchmarks/checkpoint_stall.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lossless_trainer import Model, Trainer
+
+
+class MLP(Model):
+    def __init__(self, dims: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(nn.Linear(fan_in, fan_out))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, batch):
+        x, y = batch
+        logits = self.net(x)
+        return {"ce": F.cross_entropy(logits, y)} if self.training else logits
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dims: tuple[int, ...]
+    batch_size: int
+    steps: int
+    every: int
+    rounds: int
+
+
+CASES = [
+    Case("medium", (784, 1024, 1024, 10), batch_size=256, steps=60, every=10, rounds=5),
+    Case("100M", (4096,) * 7, batch_size=8, steps=24, every=8, rounds=2),
+]
+
+
+def one_fit(case: Case, mode: str, batches: list, root: str, index: int) -> float:
+    torch.manual_seed(0)
+    model = MLP(case.dims)
+    options = {"keep_last": 0} if mode == "none" else {
+        "checkpoint_every": case.every, "keep_last": 1,
+        "async_checkpoint": mode == "async"}
+    trainer = Trainer(model, batches, max_steps=case.steps, log_dir=f"{root}/{mode}-{index}",
+                      progress=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+                      **options)
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
+
+
+def bench(case: Case, quick: bool, root: str) -> dict[str, list[float]]:
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(case.batch_size, case.dims[0], generator=generator),
+                torch.randint(0, case.dims[-1], (case.batch_size,), generator=generator))
+               for _ in range(4)] * (case.steps // 4 + 1)
+    times: dict[str, list[float]] = {"none": [], "blocking": [], "async": []}
+    rounds = 1 if quick else case.rounds
+    one_fit(case, "blocking", batches, root, -1)  # warm-up: allocator, page cache, imports
+    for index in range(rounds):
+        for mode in times:
+            times[mode].append(one_fit(case, mode, batches, root, index))
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round, the medium case")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cases = CASES[:1] if args.quick else CASES
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    header = (f"{'case':<8} {'mode':<9} {'fit s':>8} {'ratio':>6} {'saves':>5} "
+              f"{'stall/save s':>12}")
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        with tempfile.TemporaryDirectory(prefix="lt-ckpt-", dir=".") as root:
+            times = bench(case, args.quick, root)
+        none = statistics.median(times["none"])
+        saves = case.steps // case.every
+        for mode, values in times.items():
+            median = statistics.median(values)
+            stall = (median - none) / saves if mode != "none" else 0.0
+            print(f"{case.name:<8} {mode:<9} {median:>8.2f} {median / none:>6.2f} "
+                  f"{saves if mode != 'none' else 0:>5} {stall:>12.3f}", flush=True)
+    print("ratio: fit time over the run with no checkpoints (medians over interleaved "
+          "rounds); a fit ends with a save that it waits for, in both modes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
