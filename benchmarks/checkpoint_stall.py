@@ -15,11 +15,18 @@ AdamW: a 23 MB checkpoint, a save every 10 steps) and an MLP of about 100 M para
 
     python benchmarks/checkpoint_stall.py            # about 6 minutes on 2 CPU cores
     python benchmarks/checkpoint_stall.py --quick    # a smoke run
+    torchrun --standalone --nproc_per_node=2 benchmarks/checkpoint_stall.py --threads 1
+
+Under torchrun every rank trains on the same batches (a timing benchmark: the data need
+not be sharded) and rank 0 writes the checkpoints and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -98,17 +105,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round, the medium case")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=None,
+                        help="cases to run (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = CASES[:1] if args.quick else CASES
-    print(f"torch {torch.__version__}, {args.threads} threads")
-    header = (f"{'case':<8} {'mode':<9} {'fit s':>8} {'ratio':>6} {'saves':>5} "
-              f"{'stall/save s':>12}")
-    print(header)
-    print("-" * len(header))
+    cases = [c for c in CASES if args.cases is None or c.name in args.cases]
+    cases = cases[:1] if args.quick else cases
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"torch {torch.__version__}, {args.threads} threads, "
+              f"{os.environ.get('WORLD_SIZE', '1')} process(es)")
+        header = (f"{'case':<8} {'mode':<9} {'fit s':>8} {'ratio':>6} {'saves':>5} "
+                  f"{'stall/save s':>12}")
+        print(header)
+        print("-" * len(header))
     for case in cases:
-        with tempfile.TemporaryDirectory(prefix="lt-ckpt-", dir=".") as root:
+        # Every rank must name the same run directories: under torchrun, by the run's id.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+        with (contextlib.nullcontext(f"lt-ckpt-{run_id}") if run_id else
+              tempfile.TemporaryDirectory(prefix="lt-ckpt-", dir=".")) as root:
             times = bench(case, args.quick, root)
+        if run_id:  # every rank is done with the directories: rank 0 removes them
+            torch.distributed.barrier()
+            if rank == 0:
+                shutil.rmtree(f"lt-ckpt-{run_id}", ignore_errors=True)
+        if rank != 0:
+            continue
         none = statistics.median(times["none"])
         saves = case.steps // case.every
         for mode, values in times.items():
@@ -116,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stall = (median - none) / saves if mode != "none" else 0.0
             print(f"{case.name:<8} {mode:<9} {median:>8.2f} {median / none:>6.2f} "
                   f"{saves if mode != 'none' else 0:>5} {stall:>12.3f}", flush=True)
-    print("ratio: fit time over the run with no checkpoints (medians over interleaved "
-          "rounds); a fit ends with a save that it waits for, in both modes")
+    if rank == 0:
+        print("ratio: fit time over the run with no checkpoints (medians over interleaved "
+              "rounds); a fit ends with a save that it waits for, in both modes")
     return 0
 
 
