@@ -9,7 +9,7 @@ checkpoints, and the stall per save, (T - T_none) / saves. A run's last save hap
 at its end (``fit`` waits for it), so the async figure still contains one whole write:
 the last; the stall of the saves before it is what the step no longer waits for.
 
-Cases: the medium MLP of benchmarks/overhead.py (784-1024-1024-10, 1.9 M parameters,
+Cases: the medium MLP of benchmarks/overhead.py, its own class (784-1024-1024-10, 1.9 M parameters,
 AdamW: a 23 MB checkpoint, a save every 10 steps) and an MLP of about 100 M parameters
 (6 layers of 4096: a 1.2 GB checkpoint with AdamW's moments, a save every 8 steps).
 
@@ -35,26 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from overhead import MLP  # the benchmarks' MLP: benchmarks/ is this script's directory
 
-from lossless_trainer import Model, Trainer
-
-
-class MLP(Model):
-    def __init__(self, dims: Sequence[int]) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
-            if i:
-                layers.append(nn.ReLU())
-            layers.append(nn.Linear(fan_in, fan_out))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, batch):
-        x, y = batch
-        logits = self.net(x)
-        return {"ce": F.cross_entropy(logits, y)} if self.training else logits
+from lossless_trainer import Trainer
 
 
 @dataclass(frozen=True)

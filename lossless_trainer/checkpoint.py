@@ -50,6 +50,7 @@ __all__ = [
     "os_error",
     "state_digest",
     "storage_error",
+    "write_atomic",
 ]
 
 # 2: with a checksum. Files of format 1 (no checksum) still load, unverified.
@@ -101,26 +102,38 @@ def save_atomic(state: dict[str, Any], path: str) -> None:
             permission): names `path`, the checkpoints still intact, and what to do.
             The temporary file is removed.
     """
-    directory = os.path.dirname(os.path.abspath(path))
     state = {key: value for key, value in state.items() if key != "checksum"}
     state["checksum"] = state_digest(state)
+    try:
+        write_atomic(path, lambda f: torch.save(state, f))
+    except BaseException as exc:
+        cause = os_error(exc)
+        if cause is None:
+            raise
+        raise storage_error(cause, "writing checkpoint", path,
+                            os.path.dirname(os.path.abspath(path))) from exc
+
+
+def write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """Have `write` fill a binary file that then replaces `path` atomically: a temporary
+    file in the same directory (named for `remove_stale_temporaries`), flushed and
+    fsynced, renamed over `path`, then the directory fsynced. On failure the temporary
+    file is removed and the error raised as it is."""
+    directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".pt", dir=directory)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        cause = os_error(exc)
-        if cause is None:
-            raise
-        raise storage_error(cause, "writing checkpoint", path, directory) from exc
+        raise
     _fsync_directory(directory)
 
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, load_newest_valid
+from .checkpoint import CheckpointError, load_checkpoint, load_newest_valid, write_atomic
 
 __all__ = ["export_model", "main"]
 
@@ -35,7 +35,7 @@ def export_model(checkpoint: str | os.PathLike[str], output: str | os.PathLike[s
             or its ``checkpoints/`` directory, for the newest valid checkpoint there.
         output: The file to write: ``.pt`` (``torch.save`` of the state dict) or
             ``.safetensors`` (needs the ``safetensors`` package: ``pip install
-            "lossless_trainer[safetensors]"``). Written atomically.
+            "lossless_trainer[safetensors]"``). Written atomically (`write_atomic`).
         strip_prefix: Removed from the start of every key that has it: ``"model."`` turns
             the keys of an adapter (`adapters.HuggingFace`, `adapters.Torchvision`,
             `WithLoss`, whose network is its ``.model`` or ``.net``) into the bare
@@ -58,9 +58,9 @@ def export_model(checkpoint: str | os.PathLike[str], output: str | os.PathLike[s
     if strip_prefix:
         weights = {key.removeprefix(strip_prefix): value for key, value in weights.items()}
     if extension == ".safetensors":
-        _atomically(output, lambda tmp: _save_safetensors(weights, tmp))
+        write_atomic(output, lambda f: f.write(_safetensors_bytes(weights)))
     else:
-        _atomically(output, lambda tmp: torch.save(weights, tmp))
+        write_atomic(output, lambda f: torch.save(weights, f))
     return weights
 
 
@@ -76,21 +76,9 @@ def _read(checkpoint: str) -> dict:
     return load_checkpoint(checkpoint)
 
 
-def _atomically(output: str, write: Callable[[str], None]) -> None:
-    """`write` a temporary file next to `output`, then rename it over `output`."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
+def _safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:
     try:
-        write(tmp)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _save_safetensors(weights: dict[str, torch.Tensor], path: str) -> None:
-    try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError as exc:
         raise ImportError(
             "exporting to .safetensors needs the safetensors package: pip install "
@@ -105,7 +93,7 @@ def _save_safetensors(weights: dict[str, torch.Tensor], path: str) -> None:
         seen.add(pointer)
         value = value.detach()
         plain[key] = value.clone() if shared else value.contiguous()
-    save_file(plain, path, metadata={"format": "pt", "exported_by": "lossless_trainer"})
+    return save(plain, metadata={"format": "pt", "exported_by": "lossless_trainer"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
