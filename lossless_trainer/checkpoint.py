@@ -5,7 +5,9 @@ the data position are resume.py's, and gathering a sharded model is distributed.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers, so it
 loads with ``torch.load(weights_only=True)``: loading can never run code. Files are named
-``step-<step>.pt`` (nine digits) in ``<log_dir>/checkpoints/``.
+``step-<step>.pt`` (nine digits) in ``<log_dir>/checkpoints/``. A sharded checkpoint is a
+directory ``step-<step>/`` beside them (its contents are sharded.py's); listing,
+pruning and setting aside treat both alike.
 
 Assumptions: one process writes a directory at a time (rank 0 under DDP); the file
 system honours ``os.replace`` atomically and ``fsync`` durably (local disks and most
@@ -22,6 +24,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import threading
 import warnings
@@ -43,6 +46,7 @@ __all__ = [
     "load_checkpoint",
     "load_newest_valid",
     "prune_checkpoints",
+    "remove",
     "remove_stale_temporaries",
     "save_atomic",
     "set_aside_newer",
@@ -56,7 +60,7 @@ __all__ = [
 # 2: with a checksum. Files of format 1 (no checksum) still load, unverified.
 FORMAT_VERSION = 2
 _READABLE = (1, 2)
-_NAME = re.compile(r"^step-(\d+)\.pt$")
+_NAME = re.compile(r"^step-(\d+)(\.pt)?$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -64,20 +68,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be read or does not fit the run. Names the file."""
 
 
-def checkpoint_path(directory: str, step: int) -> str:
-    """Where the checkpoint of `step` lives in `directory`."""
-    return os.path.join(directory, f"step-{step:09d}.pt")
+def checkpoint_path(directory: str, step: int, sharded: bool = False) -> str:
+    """Where the checkpoint of `step` lives in `directory`: a file, or for a sharded
+    checkpoint a directory."""
+    return os.path.join(directory, f"step-{step:09d}{'' if sharded else '.pt'}")
 
 
 def checkpoint_step(path: str) -> int | None:
-    """The step a checkpoint's file name says (``step-000000020.pt``: 20), or None for
-    another name (``best.pt``)."""
-    match = _NAME.match(os.path.basename(path))
+    """The step a checkpoint's name says (``step-000000020.pt`` or the sharded
+    ``step-000000020``: 20), or None for another name (``best.pt``)."""
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
     return int(match.group(1)) if match else None
 
 
 def list_checkpoints(directory: str) -> list[tuple[int, str]]:
-    """``(step, path)`` of every checkpoint in `directory`, oldest first."""
+    """``(step, path)`` of every checkpoint in `directory` (files and sharded
+    directories, complete or not), oldest first."""
     if not os.path.isdir(directory):
         return []
     found = []
@@ -172,17 +178,24 @@ class BackgroundSaver:
 
     def submit(self, state: dict[str, Any], path: str,
                then: Callable[[], None] | None = None) -> None:
+        def write() -> None:
+            save_atomic(state, path)
+            if then is not None:
+                then()
+
+        self.run(write)
+
+    def run(self, task: Callable[[], None]) -> None:
+        """Wait for the task before, then run `task` (a whole save) on the thread."""
         self.wait()
 
-        def write() -> None:
+        def work() -> None:
             try:
-                save_atomic(state, path)
-                if then is not None:
-                    then()
+                task()
             except BaseException as exc:  # raised on the training thread by wait()
                 self._error = exc
 
-        self._thread = threading.Thread(target=write, name="lossless_trainer-checkpoint",
+        self._thread = threading.Thread(target=work, name="lossless_trainer-checkpoint",
                                         daemon=True)
         self._thread.start()
 
@@ -339,11 +352,12 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return state
 
 
-def load_newest_valid(directory: str) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint in `directory` that loads, with its path.
+def load_newest_valid(directory: str, load: Callable[[str], dict[str, Any]] = load_checkpoint,
+                      ) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint in `directory` that loads with `load`, with its path.
 
-    A newer file that fails to load (truncated by a crash, corrupt, unsafe) gives a
-    warning naming it, and the previous one is tried.
+    A newer one that fails to load (truncated by a crash, corrupt, unsafe, a sharded
+    one `load` does not read) gives a warning naming it, and the previous one is tried.
 
     Returns:
         None if the directory holds no checkpoint at all.
@@ -355,7 +369,7 @@ def load_newest_valid(directory: str) -> tuple[str, dict[str, Any]] | None:
     failures = []
     for _, path in reversed(candidates):
         try:
-            return path, load_checkpoint(path)
+            return path, load(path)
         except CheckpointError as exc:
             failures.append(str(exc))
             warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
@@ -374,8 +388,21 @@ def prune_checkpoints(directory: str, keep_last: int, just_saved: str) -> None:
     """
     for _, path in list_checkpoints(directory)[:-keep_last]:
         if os.path.abspath(path) != os.path.abspath(just_saved):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            remove(path)
+
+
+def remove(path: str) -> None:
+    """Delete a checkpoint file, or a sharded checkpoint's directory: first renamed to a
+    temporary name, so a kill halfway through deleting leaves no half checkpoint under
+    a checkpoint's name."""
+    if not os.path.isdir(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    doomed = os.path.join(os.path.dirname(path), f"{_TMP_PREFIX}{os.path.basename(path)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def set_aside_newer(directory: str, step: int) -> list[str]:
@@ -395,13 +422,17 @@ def set_aside_newer(directory: str, step: int) -> list[str]:
 
 
 def remove_stale_temporaries(directory: str) -> None:
-    """Delete temporary files a killed save left behind. Call before writing starts."""
+    """Delete temporary files (and directories) a killed save or prune left behind.
+    Call before writing starts."""
     if not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
         if name.startswith(_TMP_PREFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
+            path = os.path.join(directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(path)
 
 
 def _short(exc: BaseException) -> str:

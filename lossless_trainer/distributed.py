@@ -48,6 +48,7 @@ from torch.utils.data import (
 )
 
 from .data import rebuild_loader
+from .relayout import rank_part
 
 __all__ = ["Distributed", "combine_totals"]
 
@@ -56,6 +57,7 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 Totals = dict[str, tuple[float, float, int | None]]
 
 _CONTROL_GROUP: Any = None  # one CPU (gloo) side channel per process, made on first use
+_CHECKPOINT_GROUP: Any = None  # another, for sharded checkpoints (`checkpoint_group`)
 
 
 def _env_world_size() -> int:
@@ -189,23 +191,18 @@ class Distributed:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def own_part(self, state: dict[str, Any]) -> dict[str, Any]:
+    def own_part(self, state: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
         """This rank's view of a checkpoint: the shared state with this rank's own part
-        (RNG states, data position, hook states, summary window) on top.
+        (RNG states, data position, hook states, summary window) on top. For a
+        checkpoint of another number of processes, the part `relayout.rank_part` gives
+        this rank (`seed` is the Trainer's, for the RNG of ranks that are new).
 
         Raises:
-            ValueError: the checkpoint was written by a different number of processes.
+            ValueError: the checkpoint's per-rank state cannot be carried over to this
+                number of processes (data that saves its own position).
         """
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world_size:
-            raise ValueError(
-                f"it was written by {saved_world} process(es) and this run has "
-                f"{self.world_size}: the per-process RNG states and the position in the "
-                "sharded data cannot be carried over exactly. Resume with the same number "
-                f"of processes (torchrun --nproc_per_node={saved_world} ...), or start a new "
-                "run in another log_dir from its weights: model.load_state_dict("
-                "torch.load(path, weights_only=True)['model'])"
-            )
+        if state.get("world_size", 1) != self.world_size:
+            return {**state, **rank_part(state, self.rank, self.world_size, seed)}
         if not self.enabled:
             return state
         return {**state, **state["ranks"][self.rank]}
@@ -356,12 +353,13 @@ class Distributed:
 
     # -- collectives ----------------------------------------------------------------------
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's `obj`, in rank order (``[obj]`` when not distributed)."""
+    def all_gather(self, obj: Any, group: Any = None) -> list[Any]:
+        """Every rank's `obj`, in rank order (``[obj]`` when not distributed). On the
+        CPU side channel, or on `group` (`checkpoint_group`)."""
         if not self.collectives_ok:
             return [obj]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, obj, group=_control_group())
+        dist.all_gather_object(gathered, obj, group=group or _control_group())
         return gathered
 
     def all_reduce_sum(self, tensor: torch.Tensor, async_op: bool = False) -> Any:
@@ -372,26 +370,37 @@ class Distributed:
             return None
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=async_op)
 
-    def gather_to_main(self, obj: Any) -> list[Any] | None:
+    def gather_to_main(self, obj: Any, group: Any = None) -> list[Any] | None:
         """Every rank's `obj` on rank 0, in rank order; None on the other ranks."""
         if not self.collectives_ok:
             return [obj]
         gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, gathered, dst=0, group=_control_group())
+        dist.gather_object(obj, gathered, dst=0, group=group or _control_group())
         return gathered
 
-    def broadcast(self, obj: Any) -> Any:
+    def broadcast(self, obj: Any, group: Any = None) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.collectives_ok:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=_control_group())
+        dist.broadcast_object_list(box, src=0, group=group or _control_group())
         return box[0]
 
-    def on_main(self, fn: Callable[[], Any]) -> Any:
+    def checkpoint_group(self) -> Any:
+        """The process group sharded checkpoints use (a CPU group of their own, so a
+        checkpoint written in the background never interleaves with the trainer's
+        collectives); None when not distributed. The first call is a collective."""
+        global _CHECKPOINT_GROUP
+        if not self.enabled:
+            return None
+        if _CHECKPOINT_GROUP is None:
+            _CHECKPOINT_GROUP = dist.new_group(backend="gloo")
+        return _CHECKPOINT_GROUP
+
+    def on_main(self, fn: Callable[[], Any], group: Any = None) -> Any:
         """Run `fn` on rank 0 only and return its result on every rank. If it raises,
         every rank raises (the same type when it can be rebuilt), so none is left
-        waiting for the others."""
+        waiting for the others. On the CPU side channel, or on `group`."""
         if not self.enabled:
             return fn()
         if not self.collectives_ok:
@@ -405,9 +414,9 @@ class Distributed:
                 result = ("ok", fn())
             except Exception as exc:
                 result = ("error", (type(exc), str(exc)))
-                self.broadcast(result)
+                self.broadcast(result, group)
                 raise
-        result = self.broadcast(result)
+        result = self.broadcast(result, group)
         if result[0] == "error":
             kind, message = result[1]
             try:
@@ -621,8 +630,8 @@ def _control_group() -> Any:
 
 
 def _destroy_process_group() -> None:
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _CHECKPOINT_GROUP
     if dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-    _CONTROL_GROUP = None
+    _CONTROL_GROUP = _CHECKPOINT_GROUP = None

@@ -4,8 +4,9 @@
     python -m lossless_trainer.export runs/a model.pt --strip-prefix model.
 
 A training checkpoint holds the optimizer, RNG states, the data position and more; the
-file written here holds only the model's tensors, under the model's own keys, and loads
-in one process without torchrun or this library: ``model.load_state_dict(torch.load(path,
+file written here holds only the model's tensors, under the model's own keys (a sharded
+checkpoint's shards gathered into full tensors), and loads in one process without
+torchrun or this library: ``model.load_state_dict(torch.load(path,
 weights_only=True))``, or ``safetensors.torch.load_file(path)``. The checkpoint is
 verified (its checksum) before anything is written.
 """
@@ -19,7 +20,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, load_newest_valid, write_atomic
+from . import sharded
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    load_checkpoint,
+    load_newest_valid,
+    write_atomic,
+)
 
 __all__ = ["export_model", "main"]
 
@@ -31,8 +39,10 @@ def export_model(checkpoint: str | os.PathLike[str], output: str | os.PathLike[s
     """Write the model weights of `checkpoint` to `output`; return them.
 
     Args:
-        checkpoint: A checkpoint file (``step-<n>.pt``, ``best.pt``), or a run directory
-            or its ``checkpoints/`` directory, for the newest valid checkpoint there.
+        checkpoint: A checkpoint file (``step-<n>.pt``, ``best.pt``), a sharded
+            checkpoint's directory (``step-<n>``, gathered here into full tensors, in
+            one process, without torchrun), or a run directory or its
+            ``checkpoints/`` directory, for the newest valid checkpoint there.
         output: The file to write: ``.pt`` (``torch.save`` of the state dict) or
             ``.safetensors`` (needs the ``safetensors`` package: ``pip install
             "lossless_trainer[safetensors]"``). Written atomically (`write_atomic`).
@@ -65,15 +75,33 @@ def export_model(checkpoint: str | os.PathLike[str], output: str | os.PathLike[s
 
 
 def _read(checkpoint: str) -> dict:
-    if os.path.isdir(checkpoint):
+    if os.path.isdir(checkpoint) and not _is_sharded_checkpoint(checkpoint):
         directory = checkpoint
         if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
             directory = os.path.join(checkpoint, "checkpoints")
-        found = load_newest_valid(directory)
+        found = load_newest_valid(directory, load=_load)
         if found is None:
             raise CheckpointError(f"no checkpoint in {directory}")
         return found[1]
-    return load_checkpoint(checkpoint)
+    return _load(checkpoint)
+
+
+def _is_sharded_checkpoint(path: str) -> bool:
+    """A sharded checkpoint's directory (its marker, DCP's metadata, or a checkpoint's
+    name), as opposed to a run directory or its ``checkpoints/``."""
+    return checkpoint_step(path) is not None or any(
+        os.path.exists(os.path.join(path, name)) for name in (sharded.MARKER, ".metadata"))
+
+
+def _load(path: str) -> dict:
+    """A checkpoint file, or a sharded checkpoint gathered into full tensors in this
+    process; verified either way."""
+    if not os.path.isdir(path):
+        return load_checkpoint(path)
+    problem = sharded.verify(path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return sharded.read_full(path)
 
 
 def _safetensors_bytes(weights: dict[str, torch.Tensor]) -> bytes:

@@ -430,23 +430,24 @@ class EarlyStopping(Hook):
 
 
 class BestCheckpoint(Hook):
-    """Keeps the checkpoint with the best evaluation result as ``checkpoints/best.pt``.
+    """Keeps the checkpoint with the best evaluation result as ``checkpoints/best.pt``
+    (a directory ``checkpoints/best`` with ``checkpoint_format="sharded"``).
 
-    The file is a full checkpoint (resumable with ``resume=<path>``) written atomically
-    whenever the monitored value improves. It is never pruned, nor picked by
-    ``resume="auto"``.
+    The checkpoint (resumable with ``resume=<path>``) is written atomically whenever the
+    monitored value improves. It is never pruned, nor picked by ``resume="auto"``.
 
     Args:
         monitor: A key of `Trainer.evaluate`'s results, as for `EarlyStopping`.
         mode: ``"min"`` or ``"max"``: which direction is better.
         min_delta: The smallest change that counts as an improvement.
-        filename: Name of the file in the checkpoint directory.
+        filename: Name of the file in the checkpoint directory. Default: ``best.pt``,
+            or ``best`` for sharded checkpoints.
     """
 
     priority = Priority.BEST_CHECKPOINT
 
     def __init__(self, monitor: str, mode: str = "min", min_delta: float = 0.0,
-                 filename: str = "best.pt") -> None:
+                 filename: str | None = None) -> None:
         self.tracker = _Monitor(monitor, mode, min_delta)
         self.filename = filename
         self.best_step: int | None = None
@@ -457,7 +458,9 @@ class BestCheckpoint(Hook):
             return
         _refuse_nonfinite_weights(trainer)
         self.tracker.best, self.best_step = value, trainer.state.step
-        trainer.save_checkpoint(os.path.join(trainer.checkpoint_dir, self.filename))
+        name = self.filename or ("best" if trainer.checkpoint_format == "sharded"
+                                 else "best.pt")
+        trainer.save_checkpoint(os.path.join(trainer.checkpoint_dir, name))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.tracker.best,
@@ -505,7 +508,8 @@ class CheckpointHook(Hook):
     def save(self, trainer: TrainerView) -> str:
         """Write a checkpoint of the current step; return its path."""
         _refuse_nonfinite_weights(trainer)
-        path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step)
+        path = checkpoint_path(trainer.checkpoint_dir, trainer.state.step,
+                               sharded=trainer.checkpoint_format == "sharded")
         # Under torchrun every rank calls it, rank 0 writes; it prunes once the file is
         # complete (with async_checkpoint, in the background).
         trainer.save_checkpoint(path, keep_last=self.keep_last)

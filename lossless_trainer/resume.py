@@ -30,16 +30,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from . import sharded
 from .checkpoint import (
     CheckpointError,
     checkpoint_step,
     list_checkpoints,
     load_checkpoint,
-    load_newest_valid,
     remove_stale_temporaries,
     set_aside_newer,
 )
 from .data import loader_generators, rebuild_loader, set_epoch
+from .relayout import ListBatches, can_relay, describe, position, remaining_batches
+from .sharded import is_sharded
 from .state import logger
 
 if TYPE_CHECKING:
@@ -66,21 +68,33 @@ class DataCursor:
     saves its own position (``state_dict``/``load_state_dict``, e.g. torchdata's
     StatefulDataLoader) is trusted to restore it.
 
+    A checkpoint written by another number of processes (or in an epoch resumed so)
+    continues its epoch from the global position in the epoch's sample order instead
+    (relayout.py): every remaining sample once, split over this run's processes.
+
     Args:
         data: The training data.
         check_first_batch: Called with the first batch this process iterates (or None
             if there is none), before it is trained on. Under torchrun, the check that
             the data is really sharded.
+        rank: This process's rank.
+        world_size: The number of processes.
     """
 
     def __init__(self, data: Iterable[Any],
-                 check_first_batch: Callable[[Any], None] | None = None) -> None:
+                 check_first_batch: Callable[[Any], None] | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.data = data
         self._check_first = check_first_batch
+        self._rank, self._world_size = rank, world_size
         self._open: Iterator[Any] | None = None  # the open epoch's batches
         self._epoch_rng: dict[str, Any] | None = None  # the RNG as the open epoch began
         self._pending: dict[str, Any] | None = None  # RNG states of a loaded checkpoint
         self._started = False  # whether this process has iterated `data` itself yet
+        # A loaded checkpoint's epoch order, when its epoch continues from its global
+        # position; and the layout of an epoch continued so (what a checkpoint keeps).
+        self._relay: dict[str, Any] | None = None
+        self._layout: dict[str, Any] | None = None
 
     @property
     def open(self) -> bool:
@@ -101,14 +115,24 @@ class DataCursor:
 
     def end_epoch(self) -> None:
         """The open epoch's batches ran out."""
-        self._open = None
+        self._open = self._layout = None
 
     def _begin(self, epoch: int, consumed: int) -> Iterator[Any]:
         pending, self._pending = self._pending, None
+        relay, self._relay = self._relay, None
         first_in_process, self._started = not self._started, True
+        if relay is not None:  # the rest of the epoch from its global position
+            batches, self._layout = remaining_batches(
+                relay, position(relay, consumed), consumed, self.data,  # type: ignore[arg-type]
+                self._rank, self._world_size)
+            self._restore_now(pending)  # type: ignore[arg-type]
+            self._epoch_rng = None
+            self._started = False  # the rebuilt loader does not start `data` itself
+            return iter(rebuild_loader(self.data, batch_sampler=ListBatches(batches),  # type: ignore[arg-type]
+                                       persistent_workers=False))
         if pending is not None:
             if consumed == 0 or is_stateful(self.data) or pending["epoch_start"] is None:
-                self.restore_rng(pending["now"])  # the data restores its position, or none
+                self._restore_now(pending)  # the data restores its position, or none
             else:
                 # Replay the epoch's start, skip what was consumed, then continue with
                 # the RNG of the moment the checkpoint was taken.
@@ -122,6 +146,16 @@ class DataCursor:
         if first_in_process and self._check_first is not None:
             return _first_checked(batches, self._check_first)
         return batches
+
+    def _restore_now(self, pending: dict[str, Any]) -> None:
+        """The RNG of the moment the checkpoint was taken; for a rank the checkpoint has
+        none for (written by fewer processes), streams seeded from its derived seed."""
+        if pending["now"] is not None:
+            self.restore_rng(pending["now"])
+            return
+        seed_everything(pending["seed"])
+        for index, generator in enumerate(loader_generators(self.data)):
+            generator.manual_seed(pending["seed"] + 1 + index)
 
     def capture_rng(self) -> dict[str, Any]:
         """The global RNG states plus those of the DataLoader's own generators."""
@@ -151,18 +185,45 @@ class DataCursor:
             self.restore_rng(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"rng": {"epoch_start", "now"}, "data": <the data's own state or None>}``."""
+        """``{"rng": {"epoch_start", "now"}, "data": <the data's own state or None>,
+        "order": <the open epoch's order (relayout.describe) or None>}``."""
         return {"rng": {"epoch_start": self._epoch_rng, "now": self.capture_rng()},
-                "data": self.data.state_dict() if is_stateful(self.data) else None}
+                "data": self.data.state_dict() if is_stateful(self.data) else None,
+                "order": self._layout if self._layout is not None else describe(self.data)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], batch_in_epoch: int = 0,
+                        other_world: bool = False) -> None:
         """Take a saved position. The RNG states are applied when the next epoch's
         batches are asked for, so nothing drawn in between (building the model, a
-        hook's `before_train`) shifts them."""
+        hook's `before_train`) shifts them.
+
+        Args:
+            state: This rank's part of the checkpoint.
+            batch_in_epoch: Batches per rank of its epoch the checkpoint had consumed.
+            other_world: Whether the checkpoint was written by another number of
+                processes.
+
+        Raises:
+            ValueError: a mid-epoch checkpoint of another number of processes, whose
+                data's order cannot be recomputed.
+        """
+        order = state.get("order")
+        relay = batch_in_epoch > 0 and (other_world or (order is not None and order["at"] > 0))
+        if relay and (order is None or not can_relay(self.data)):
+            which = "its data" if order is None else "this run's data"
+            raise ValueError(
+                f"it was written by another number of processes in the middle of an epoch "
+                f"(after {batch_in_epoch} batches per process), and {which} has no global "
+                "sample order to continue from (that needs a DataLoader over a map-style "
+                "data set with a DistributedSampler, or one process's sequential sampler). "
+                "Resume with the number of processes that wrote it, or from a checkpoint "
+                "taken at the end of an epoch")
         if state["data"] is not None and is_stateful(self.data):
             self.data.load_state_dict(state["data"])  # type: ignore[attr-defined]
         self._pending = state["rng"]
-        self._open = None  # an epoch left open by an earlier fit is not where we resume
+        self._relay = order if relay else None
+        self._open = self._layout = None  # an epoch left open by an earlier fit is not
+        # where we resume
 
 
 def is_stateful(data: Any) -> bool:
@@ -347,19 +408,26 @@ def _python_rng_from_plain(state: dict[str, Any]) -> tuple[Any, ...]:
 
 def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
                            load_state_dict: Callable[[dict[str, Any]], None],
-                           batches_per_epoch: int | None = None) -> str | None:
+                           batches_per_epoch: int | None = None,
+                           set_aside: bool = True) -> str | None:
     """Find the checkpoint `resume` points to and load it with `load_state_dict`.
 
-    Rank 0 chooses (and, with ``"auto"``, verifies by loading it); every rank then
-    loads that same file. Checkpoints newer than the one resumed from are set aside.
+    With ``"auto"`` the newest checkpoint that verifies is taken: a file (rank 0 loads
+    and verifies it) or a sharded directory (every rank hashes its share of the
+    files); one that fails gets a warning, and the one before it is tried. Every rank
+    then loads the same checkpoint. Checkpoints newer than the one resumed from are set
+    aside (with `set_aside`).
 
     Args:
         resume: The Trainer's option: ``"auto"``, False or a path.
         checkpoint_dir: The run's checkpoint directory.
         dist: This process's place in the run.
-        load_state_dict: Applies a loaded state (`Trainer.load_state_dict`).
+        load_state_dict: Applies a loaded state (`Trainer.load_state_dict`); for a
+            sharded checkpoint, ``trainer.pt`` with ``"sharded"`` set to its directory.
         batches_per_epoch: The data's batches per epoch on this rank, when known: a
-            checkpoint's position in the epoch must lie within it.
+            checkpoint's position in the epoch must lie within it (when written by as
+            many processes).
+        set_aside: Rename the checkpoints newer than the one loaded.
 
     Returns:
         The path resumed from, or None for a fresh start.
@@ -368,32 +436,12 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
         CheckpointError: the checkpoint cannot be read or does not fit this run.
         ValueError: ``resume=False`` in a directory that already holds checkpoints.
     """
-    preloaded: dict[str, Any] = {}
-
-    def choose() -> str | None:
-        remove_stale_temporaries(checkpoint_dir)
-        if resume is False:
-            existing = list_checkpoints(checkpoint_dir)
-            if existing:
-                raise ValueError(
-                    f"resume=False but {checkpoint_dir} already holds {len(existing)} "
-                    "checkpoint(s) of an earlier run; starting fresh there would mix the "
-                    "two runs. Use another log_dir, delete them, or resume"
-                )
-            return None
-        if resume == "auto":
-            found = load_newest_valid(checkpoint_dir)
-            if found is None:
-                return None
-            path, preloaded["state"] = found
-            return path
-        return resume
-
-    path = dist.on_main(choose)
-    if path is None:
+    found = _choose(resume, checkpoint_dir, dist)
+    if found is None:
         return None
-    state = dist.read_checkpoint(path, preloaded.get("state"), load_checkpoint)
-    check_counters(state, path, batches_per_epoch)
+    path, state = found
+    same_world = state.get("world_size", 1) == dist.world_size
+    check_counters(state, path, batches_per_epoch if same_world else None)
     try:
         load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -403,9 +451,59 @@ def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
         ) from exc
     if dist.is_main:
         logger.warning("resumed from %s at step %d", path, state["trainer"]["step"])
-        for moved in set_aside_newer(checkpoint_dir, state["trainer"]["step"]):
-            logger.warning("set aside %s: it is newer than the checkpoint resumed from", moved)
+        if set_aside:
+            for moved in set_aside_newer(checkpoint_dir, state["trainer"]["step"]):
+                logger.warning("set aside %s: it is newer than the checkpoint resumed from",
+                               moved)
     return path
+
+
+def _choose(resume: Any, checkpoint_dir: str, dist: Distributed
+            ) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from, verified, and its state for this rank (for a
+    sharded one, its ``trainer.pt``). Every rank calls it and gets the same path."""
+    def listing() -> list[tuple[bool, str]]:
+        remove_stale_temporaries(checkpoint_dir)
+        if resume is False:
+            existing = list_checkpoints(checkpoint_dir)
+            if existing:
+                raise ValueError(
+                    f"resume=False but {checkpoint_dir} already holds {len(existing)} "
+                    "checkpoint(s) of an earlier run; starting fresh there would mix the "
+                    "two runs. Use another log_dir, delete them, or resume"
+                )
+            return []
+        paths = [p for _, p in list_checkpoints(checkpoint_dir)] if resume == "auto" \
+            else [resume]
+        return [(is_sharded(p), p) for p in reversed(paths)]
+
+    preloaded: dict[str, Any] = {}
+
+    def load_file(path: str) -> str | None:  # rank 0
+        try:
+            preloaded["state"] = load_checkpoint(path)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
+    failures = []
+    for directory, path in dist.on_main(listing):
+        problem = sharded.verify(path, dist) if directory \
+            else dist.on_main(lambda: load_file(path))  # noqa: B023 - called at once
+        if problem is None:
+            if directory:
+                return path, sharded.read_small(path)
+            return path, dist.read_checkpoint(path, preloaded.get("state"), load_checkpoint)
+        if resume != "auto":
+            raise CheckpointError(problem)
+        failures.append(problem)
+        if dist.is_main:
+            warnings.warn(f"{problem}; falling back to the previous checkpoint", stacklevel=4)
+    if failures:
+        raise CheckpointError(
+            f"no valid checkpoint in {checkpoint_dir}: " + "; ".join(failures)
+            + f". To start fresh, move {checkpoint_dir} aside or use another log_dir")
+    return None
 
 
 def check_counters(state: dict[str, Any], path: str, batches_per_epoch: int | None) -> None:

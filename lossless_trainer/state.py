@@ -112,6 +112,8 @@ class TrainerView(Protocol):
             with a `DistributedSampler`).
         log_dir: The run directory.
         checkpoint_dir: Where checkpoints go (``<log_dir>/checkpoints``).
+        checkpoint_format: ``"full"`` (one file each) or ``"sharded"`` (one directory
+            each), as the Trainer resolved its option.
         batch: This step's last micro-batch, as the data yielded it.
         micro_batches: Every micro-batch of this step.
         losses: The losses the model returned for `batch`: device tensors, not synced,
@@ -138,6 +140,7 @@ class TrainerView(Protocol):
     data: Iterable[Any]
     log_dir: str
     checkpoint_dir: str
+    checkpoint_format: str
     batch: Any
     micro_batches: Sequence[Any]
     losses: dict[str, torch.Tensor | Mean]
@@ -170,7 +173,7 @@ class TrainerView(Protocol):
 
     def save_checkpoint(self, path: str | os.PathLike[str], keep_last: int | None = None
                         ) -> None:
-        """Write a full checkpoint atomically (see `Trainer.save_checkpoint`)."""
+        """Write a checkpoint atomically (see `Trainer.save_checkpoint`)."""
         ...
 
     def wait_for_checkpoint(self) -> None:

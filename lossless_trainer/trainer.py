@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from . import sharded
 from .checkpoint import (
     FORMAT_VERSION,
     BackgroundSaver,
@@ -46,6 +47,7 @@ from .options import (
     step_limit,
 )
 from .precision import Precision
+from .relayout import batch_change
 from .resume import (
     DataCursor,
     compare_optimizers,
@@ -135,6 +137,12 @@ class Trainer:
             while the state is copied to the CPU. A save waits for the one before it,
             and `fit` waits for the last before it returns (after a SIGTERM too). A
             kill during a write leaves the previous checkpoint as the newest valid one.
+        checkpoint_format: ``"full"``: one file per checkpoint, written by rank 0 (under
+            FSDP the full state is gathered to its CPU first). ``"sharded"``: one
+            directory per checkpoint, every rank writing its own shards in parallel with
+            ``torch.distributed.checkpoint``, complete once its marker is written last.
+            ``"auto"`` (default): sharded under FSDP, full otherwise. Either resumes on
+            another number of processes; see docs/checkpoints.md.
         resume: ``"auto"`` continues from the newest valid checkpoint in the run directory
             if there is one, else starts fresh. ``False`` starts fresh (and refuses a run
             directory that already holds checkpoints). A path resumes from that file.
@@ -190,6 +198,7 @@ class Trainer:
         checkpoint_every: int | None = None,
         keep_last: int = 3,
         async_checkpoint: bool = False,
+        checkpoint_format: Literal["auto", "full", "sharded"] = "auto",
         resume: Literal["auto", False] | str | os.PathLike[str] = "auto",
         handle_signals: bool = True,
         strategy: Literal["auto", "ddp", "fsdp"] = "auto",
@@ -203,7 +212,8 @@ class Trainer:
                       eval_data=eval_data, clip_grad_norm=clip_grad_norm,
                       clip_grad_value=clip_grad_value, keep_last=keep_last, resume=resume,
                       finite_check=finite_check, compile=compile, batch_size=batch_size,
-                      async_checkpoint=async_checkpoint)
+                      async_checkpoint=async_checkpoint,
+                      checkpoint_format=checkpoint_format)
         self.extra_writers = check_writers(writers)
         self.dist = Distributed.setup(device, strategy)
         check_strategy(self.dist.strategy, optimizer, precision)
@@ -246,7 +256,7 @@ class Trainer:
         if self.dist.enabled and not self._data_sharded:  # the user shards: check it
             def check_first(batch: Any) -> None:
                 self.dist.check_first_batch(batch, self.state.step + 1)
-        self.cursor = DataCursor(data, check_first)
+        self.cursor = DataCursor(data, check_first, self.dist.rank, self.dist.world_size)
         self.state = TrainState()
         self.seed = seed
         self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
@@ -258,7 +268,10 @@ class Trainer:
         self.log_dir = os.fspath(log_dir) if log_dir is not None \
             else self.dist.on_main(fresh_run_dir)
         self.checkpoint_dir = os.path.join(self.log_dir, "checkpoints")
-        # With async_checkpoint: rank 0 writes checkpoints on a thread of its own.
+        self.checkpoint_format = checkpoint_format if checkpoint_format != "auto" \
+            else ("sharded" if self.dist.strategy == "fsdp" else "full")
+        # With async_checkpoint, checkpoints are written on a thread of their own: rank
+        # 0's for full ones, every rank's for sharded ones.
         self._saver = BackgroundSaver() if async_checkpoint else None
         self.log_every = log_every
         self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None)
@@ -764,11 +777,16 @@ class Trainer:
         also gathers the full, unsharded model and optimizer state to rank 0). Only rank
         0's result is complete.
         """
-        per_rank = {**self.cursor.state_dict(),  # "rng" and "data"
-                    "hooks": self.hooks.state_dict(),
-                    "summary": self.sink.state_dict()}
         model_state, optimizer_state = self.dist.model_optimizer_state(self.model,
                                                                        self.optimizer)
+        return self._state(model_state, optimizer_state)
+
+    def _state(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]
+               ) -> dict[str, Any]:
+        """`state_dict` around the given model and optimizer states."""
+        per_rank = {**self.cursor.state_dict(),  # "rng", "data" and "order"
+                    "hooks": self.hooks.state_dict(),
+                    "summary": self.sink.state_dict()}
         state = {
             "format": FORMAT_VERSION,
             "trainer": {"step": self.state.step, "epoch": self.state.epoch,
@@ -779,6 +797,11 @@ class Trainer:
             "lr_scheduler": None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
             "precision": self.precision.state_dict(),
             "means": self._means.state_dict(),
+            # What the global batch was, to warn when a resume on another number of
+            # processes changes it.
+            "layout": {"world_size": self.dist.world_size,
+                       "grad_accum_steps": self.grad_accum_steps,
+                       "batch_size": getattr(self.data, "batch_size", None)},
             **per_rank,
         }
         if self.dist.enabled:
@@ -787,30 +810,66 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned. RNG states and the data position are
-        applied when the next epoch's iteration starts in `fit`.
+        """Restore what `state_dict` returned (or, with ``"sharded"`` naming a sharded
+        checkpoint's directory, its ``trainer.pt``, and the tensors from the directory).
+        RNG states and the data position are applied when the next epoch's iteration
+        starts in `fit`.
+
+        A checkpoint written by another number of processes is taken as
+        docs/checkpoints.md says: model and optimizer resharded, the epoch continued
+        from its global position, each rank's RNG carried over or derived.
 
         Raises:
-            ValueError: the checkpoint was written by a different number of processes.
+            ValueError: the checkpoint does not fit this run (another optimizer, or a
+                mid-epoch position that cannot be carried to this number of processes).
         """
-        state = self.dist.own_part(state)
+        other_world = state.get("world_size", 1) != self.dist.world_size
+        state = self.dist.own_part(state, self.seed)
         if (state["lr_scheduler"] is None) != (self.lr_scheduler is None):
             raise ValueError("the checkpoint and this run disagree on having an lr_scheduler")
         changes = compare_optimizers(state.get("optimizer_record"), self._optimizer_record,
                                      self.lr_scheduler is not None)
-        self.dist.load_model_optimizer_state(self.model, self.optimizer, state["model"],
-                                             state["optimizer"])
+        counters = state["trainer"]
+        self.cursor.load_state_dict(state, counters["batch_in_epoch"], other_world)
+        if "sharded" in state:
+            sharded.load_into(state["sharded"], self.model, self.optimizer,
+                              {"model": state["model"], "optimizer": state["optimizer"]},
+                              self.dist)
+        else:
+            self.dist.load_model_optimizer_state(self.model, self.optimizer, state["model"],
+                                                 state["optimizer"])
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self._apply_optimizer_changes(changes)
         self.precision.load_state_dict(state["precision"])
         self._means.load_state_dict(state.get("means", {}))
-        counters = state["trainer"]
         self.state = TrainState(step=counters["step"], epoch=counters["epoch"],
                                 batch_in_epoch=counters["batch_in_epoch"])
-        self.cursor.load_state_dict(state)
         self.hooks.load_state_dict(state["hooks"])
         self.sink.load_state_dict(state["summary"])
+        if other_world and self.dist.is_main and "layout" in state:
+            change = batch_change(state["layout"], self.dist.world_size,
+                                  self.grad_accum_steps, getattr(self.data, "batch_size", None))
+            if change is not None:
+                warnings.warn(change, stacklevel=4)
+
+    def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        """Load the checkpoint at `path` (a file or a sharded directory) before `fit`,
+        which then continues from it, as `resume` would: verified first, on any number
+        of processes. Under torchrun every rank calls it. Newer checkpoints in the run
+        directory are left where they are.
+
+        Raises:
+            CheckpointError: it cannot be read, fails verification, or does not fit.
+        """
+        if not self._prepared and self.seed is not None:
+            seed_everything(self.seed + self.dist.rank)
+        self.resumed_from = resume_from_checkpoint(
+            os.fspath(path), self.checkpoint_dir, self.dist, self.load_state_dict,
+            length(self.data), set_aside=False)
+        if not self._prepared:
+            self._prepared = True
+            self.dist.check_data(self.data, self._data_sharded)
 
     def _apply_optimizer_changes(self, changes: list[tuple[int, str, Any, Any]]) -> None:
         """This run's hyperparameters win over the checkpoint's (its state, such as
@@ -828,24 +887,25 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str], keep_last: int | None = None
                         ) -> None:
-        """Write `state_dict` to `path` atomically (a crash leaves the old file or the new
-        one, never a partial one). Under torchrun every rank calls it; rank 0 writes,
-        and no rank returns before the file is complete, or with ``async_checkpoint``,
-        before its state is copied to the CPU for the background write
-        (`wait_for_checkpoint` waits for the file).
+        """Write a checkpoint to `path`: with ``checkpoint_format="full"`` the file of
+        `state_dict`, atomically (a crash leaves the old file or the new one, never a
+        partial one); with ``"sharded"`` a directory every rank writes its shards to,
+        complete once its marker is written last. Under torchrun every rank calls it,
+        and no rank returns before the checkpoint is complete, or with
+        ``async_checkpoint``, before its state is copied to the CPU for the background
+        write (`wait_for_checkpoint` waits for it).
 
         Within `fit`, everything flushed so far is put on disk first, so the logs reach
         exactly the checkpoint's step: a run resumed from it drops what was logged after.
 
         Args:
-            path: The file to write.
-            keep_last: Once the file is complete, delete all but the newest `keep_last`
+            path: The file (or, sharded, the directory) to write.
+            keep_last: Once it is complete, delete all but the newest `keep_last`
                 checkpoints of its directory (never this one).
         """
         if self.writers is not None:  # rank 0's; a background error is raised on every rank
             self.dist.on_main(self.writers.flush)
         self._means.check()  # a checkpoint does not carry a miscount past its step
-        state = self.state_dict()
         path = os.fspath(path)
 
         def written() -> None:
@@ -853,14 +913,44 @@ class Trainer:
                 prune_checkpoints(os.path.dirname(path), keep_last, just_saved=path)
             logger.info("saved checkpoint %s", path)
 
+        if self.checkpoint_format == "sharded":
+            self._save_sharded(path, written)
+            return
+        state = self.state_dict()
         # Rank 0 writes; the others wait for its result, and raise its error if it fails.
         if self._saver is None:
             self.dist.on_main(lambda: (save_atomic(state, path), written()))
         else:  # the write before this one must be complete first (its error, every rank's)
             self.dist.on_main(lambda: self._saver.submit(stage_to_cpu(state), path, written))
 
+    def _save_sharded(self, path: str, written: Callable[[], None]) -> None:
+        """`save_checkpoint` for the sharded format: DCP writes the tensors (every rank
+        its own), rank 0 the rest (``trainer.pt``) and then the completion marker."""
+        dist, saver = self.dist, self._saver
+        if saver is not None:
+            saver.wait()  # every rank's thread: the previous save is complete everywhere
+        tensors, rest = sharded.split(*sharded.sharded_state(self.model, self.optimizer))
+        small = self._state(rest["model"], rest["optimizer"])
+        step = self.state.step
+        dist.on_main(lambda: sharded.prepare(path))
+        wait = sharded.start_write(tensors, path, dist, background=saver is not None)
+
+        def complete() -> None:
+            wait()
+            sharded.finish(path, small, step, dist, then=written)
+
+        if saver is None:
+            complete()
+        else:
+            small = stage_to_cpu(small)
+            saver.run(complete)
+
     def wait_for_checkpoint(self) -> None:
         """With ``async_checkpoint``, block until the checkpoint being written is on disk
         (every rank; rank 0's error is raised on all). `fit` does this before it returns."""
-        if self._saver is not None:
+        if self._saver is None:
+            return
+        if self.checkpoint_format == "sharded":
+            self._saver.wait()  # every rank's thread ends with the same outcome
+        else:
             self.dist.on_main(self._saver.wait)

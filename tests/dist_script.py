@@ -12,7 +12,7 @@ Modes:
                  writers that fail on rank 0) that must stop both.
     resume       Shuffled data and dropout, a checkpoint every 3 steps; with KILL_AT set,
                  rank 1 SIGKILLs itself after that step (run again to resume).
-    fsdp         strategy="fsdp" with the equivalence setup.
+    fsdp         strategy="fsdp" with the equivalence setup, full checkpoints.
     means        TinyLM's Mean loss: 2 ranks x batch 4, and 2 ranks x 2 micro-batches x
                  batch 2, under DDP (also with find_unused_parameters) and FSDP; the
                  error of a Mean under accumulation without count_items, on both ranks;
@@ -153,6 +153,7 @@ def equivalence(out: str, strategy: str = "auto") -> None:
                           max_steps=12,
                           log_every=1, grad_accum_steps=accum, log_dir=os.path.join(out, name),
                           progress=False, keep_last=1, strategy=strategy,
+                          checkpoint_format="full",  # one file, read back below
                           eval_data=DataLoader(dataset(40), batch_size=16), eval_every=6,
                           evaluators=[MeanSquaredError(targets=1)])
         counter = count_allreduces(trainer._train_model) if strategy != "fsdp" \
@@ -174,7 +175,7 @@ def equivalence(out: str, strategy: str = "auto") -> None:
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
                           max_steps=14,
                           log_every=1, log_dir=os.path.join(out, "plain"), progress=False,
-                          keep_last=1, strategy=strategy)
+                          keep_last=1, strategy=strategy, checkpoint_format="full")
         trainer.fit()
         params = torch.load(os.path.join(out, "plain", "checkpoints", "step-000000014.pt"),
                             weights_only=True)["model"]
@@ -446,7 +447,8 @@ def means(out: str) -> None:
                               optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
                               max_steps=MEAN_STEPS, log_every=1, strategy=strategy,
                               find_unused_parameters=unused,
-                              log_dir=os.path.join(out, name), progress=False, keep_last=1)
+                              log_dir=os.path.join(out, name), progress=False, keep_last=1,
+                              checkpoint_format="full")
             trainer.fit()
             params = {k: v.detach().cpu() for k, v in model.state_dict().items()} \
                 if strategy == "ddp" else torch.load(
