@@ -1,4 +1,5 @@
-"""How long checkpoint saves stall training: blocking saves against ``async_checkpoint``.
+"""How long checkpoint saves stall training: blocking saves against ``async_checkpoint``,
+for full or sharded checkpoints.
 
 Method: for each case, three kinds of `Trainer.fit` over the same pre-made batches, the
 same number of steps: no checkpoints (``keep_last=0``), a blocking checkpoint every
@@ -16,6 +17,8 @@ AdamW: a 23 MB checkpoint, a save every 10 steps) and an MLP of about 100 M para
     python benchmarks/checkpoint_stall.py            # about 6 minutes on 2 CPU cores
     python benchmarks/checkpoint_stall.py --quick    # a smoke run
     torchrun --standalone --nproc_per_node=2 benchmarks/checkpoint_stall.py --threads 1
+    torchrun --standalone --nproc_per_node=2 benchmarks/checkpoint_stall.py --threads 1 \
+        --strategy fsdp --format sharded       # every rank writes its own shards
 
 Under torchrun every rank trains on the same batches (a timing benchmark: the data need
 not be sharded) and rank 0 writes the checkpoints and prints the table.
@@ -56,7 +59,8 @@ CASES = [
 ]
 
 
-def one_fit(case: Case, mode: str, batches: list, root: str, index: int) -> float:
+def one_fit(case: Case, mode: str, batches: list, root: str, index: int,
+            layout: dict[str, str]) -> float:
     torch.manual_seed(0)
     model = MLP(case.dims)
     options = {"keep_last": 0} if mode == "none" else {
@@ -64,23 +68,24 @@ def one_fit(case: Case, mode: str, batches: list, root: str, index: int) -> floa
         "async_checkpoint": mode == "async"}
     trainer = Trainer(model, batches, max_steps=case.steps, log_dir=f"{root}/{mode}-{index}",
                       progress=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
-                      **options)
+                      **layout, **options)
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start
 
 
-def bench(case: Case, quick: bool, root: str) -> dict[str, list[float]]:
+def bench(case: Case, quick: bool, root: str, layout: dict[str, str]
+          ) -> dict[str, list[float]]:
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randn(case.batch_size, case.dims[0], generator=generator),
                 torch.randint(0, case.dims[-1], (case.batch_size,), generator=generator))
                for _ in range(4)] * (case.steps // 4 + 1)
     times: dict[str, list[float]] = {"none": [], "blocking": [], "async": []}
     rounds = 1 if quick else case.rounds
-    one_fit(case, "blocking", batches, root, -1)  # warm-up: allocator, page cache, imports
+    one_fit(case, "blocking", batches, root, -1, layout)  # warm-up: allocator, page cache
     for index in range(rounds):
         for mode in times:
-            times[mode].append(one_fit(case, mode, batches, root, index))
+            times[mode].append(one_fit(case, mode, batches, root, index, layout))
     return times
 
 
@@ -90,14 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], default=None,
                         help="cases to run (default: all)")
+    parser.add_argument("--format", choices=["full", "sharded"], default="full",
+                        help="checkpoint_format (sharded: every rank writes its own shards)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                        help="under torchrun: how the model is distributed")
     args = parser.parse_args(argv)
+    layout = {"checkpoint_format": args.format, "strategy": args.strategy}
     torch.set_num_threads(args.threads)
     cases = [c for c in CASES if args.cases is None or c.name in args.cases]
     cases = cases[:1] if args.quick else cases
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"torch {torch.__version__}, {args.threads} threads, "
-              f"{os.environ.get('WORLD_SIZE', '1')} process(es)")
+              f"{os.environ.get('WORLD_SIZE', '1')} process(es), {args.format} checkpoints, "
+              f"{args.strategy}")
         header = (f"{'case':<8} {'mode':<9} {'fit s':>8} {'ratio':>6} {'saves':>5} "
                   f"{'stall/save s':>12}")
         print(header)
@@ -107,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID")
         with (contextlib.nullcontext(f"lt-ckpt-{run_id}") if run_id else
               tempfile.TemporaryDirectory(prefix="lt-ckpt-", dir=".")) as root:
-            times = bench(case, args.quick, root)
+            times = bench(case, args.quick, root, layout)
         if run_id:  # every rank is done with the directories: rank 0 removes them
             torch.distributed.barrier()
             if rank == 0:
