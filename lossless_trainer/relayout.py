@@ -165,7 +165,8 @@ def rank_part(state: dict[str, Any], rank: int, world_size: int,
             split over another number of processes.
     """
     saved = state["ranks"] if "ranks" in state else [
-        {key: state[key] for key in ("rng", "data", "hooks", "summary")}]
+        {key: state[key] for key in ("rng", "data", "order", "hooks", "summary")
+         if key in state}]
     if any(part["data"] is not None for part in saved):
         raise ValueError(
             f"it was written by {len(saved)} process(es) with data that saves its own "
@@ -176,7 +177,7 @@ def rank_part(state: dict[str, Any], rank: int, world_size: int,
     else:
         part = {"rng": {"epoch_start": None, "now": None,
                         "seed": derived_seed(seed, state["trainer"]["step"], rank)},
-                "data": None, "hooks": saved[0]["hooks"]}
+                "data": None, "order": saved[0].get("order"), "hooks": saved[0]["hooks"]}
     part["summary"] = merge_windows([p["summary"] for j, p in enumerate(saved)
                                      if j % world_size == rank])
     return part
