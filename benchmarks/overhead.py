@@ -50,6 +50,7 @@ Usage::
     python benchmarks/overhead.py            # full run, about 8 minutes on 2 CPU cores
     python benchmarks/overhead.py --cases tiny medium   # a few of them
     python benchmarks/overhead.py --quick    # smoke run, a few seconds
+    torchrun --standalone --nproc_per_node=2 benchmarks/overhead.py   # the DDP cases
 
 The exit status is always 0: this is a benchmark, not a test. New cases (bf16, gradient
 accumulation, ...) are new entries in `CASES`; a case can pass extra `Trainer` options,
@@ -63,6 +64,11 @@ parameters, padded batches of 8 sequences of 8 to 64 tokens) through
 accumulation: count the step's label tokens first, then backpropagate each micro-batch's
 loss as a sum (``num_items_in_batch``) over that count. They run when transformers is
 installed.
+
+``tiny-ddp`` runs under torchrun only (2 processes, gloo on CPU): the Trainer, which
+wraps the model in DistributedDataParallel itself, against a hand-written loop over a
+DDP model, interleaved in the same job; it measures what the Trainer's collectives (the
+stop agreement, the flushes' gather) add to each step.
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from lossless_trainer import Mean, Model, Trainer, write_summary
+from lossless_trainer import Mean, Model, Trainer, is_summary_step, summary_scope, write_summary
 from lossless_trainer.summary import summaries_off
 
 Batch = Any  # (x, y) for the MLP cases, a dict of keyword tensors for the gpt2 ones
@@ -137,6 +143,33 @@ class MeanMLP(MLP):
 
     def count_items(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {"ce": (batch[1] != 0).sum()}
+
+
+class SummaryMLP(MLP):
+    """`MLP` that writes summaries as a detector or a multi-task model does: 20 scalars
+    per step from three nested scopes (``heads/head<i>/<part>/<stat>``), and a
+    histogram of its logits on summary steps. The raw loop calls the same forward, so it
+    computes the same values; outside `fit`, `write_summary` does nothing with them."""
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor] | torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        if not self.training:
+            return logits
+        detached = logits.detach()
+        with summary_scope("heads"):
+            for head in range(2):
+                with summary_scope(f"head{head}"):
+                    for part, values in (("logits", detached), ("probs", detached.softmax(-1))):
+                        with summary_scope(part):
+                            write_summary("mean", values.mean())
+                            write_summary("abs_mean", values.abs().mean())
+                            write_summary("std", values.std())
+                            write_summary("max", values.max())
+                            write_summary("min", values.min())
+        if is_summary_step():
+            write_summary("logits", detached, kind="histogram")
+        return {"ce": F.cross_entropy(logits, y)}
 
 
 def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -284,6 +317,9 @@ class Case:
         model: The model class (or a function), built with `dims`.
         batch: Makes one batch of the case from a generator.
         needs: A module the case needs (skipped without it).
+        processes: How many processes it runs on: 1, or under torchrun that many (the
+            raw loop then wraps its model in DistributedDataParallel, and every rank
+            draws its own batches). Only the cases for the current number run.
     """
 
     name: str
@@ -300,6 +336,7 @@ class Case:
     model: Callable[[tuple[int, ...]], nn.Module] = MLP
     batch: Callable[[Case, torch.Generator], Batch] = mlp_batch
     needs: str | None = None
+    processes: int = 1
 
     @property
     def accumulation(self) -> int:
@@ -311,6 +348,12 @@ CASES: list[Case] = [
          chunk=50, target=1.05),
     Case("medium", (784, 1024, 1024, 10), batch_size=256, steps=100, quick_steps=30,
          rounds=5, chunk=10, target=1.02, distinct_batches=16),
+    Case("tiny-log1", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         chunk=50, target=1.10, trainer_kwargs={"log_every": 1}),
+    Case("summary-heavy", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         chunk=50, target=1.03, model=SummaryMLP),
+    Case("tiny-ddp", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         chunk=50, target=1.05, processes=2),
     Case("tiny-bf16", (16, 64, 4), batch_size=64, steps=1000, quick_steps=200, rounds=7,
          chunk=50, target=None, trainer_kwargs={"precision": "bf16"}, raw=raw_loop_bf16),
     Case("tiny-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
@@ -342,11 +385,17 @@ class Interleaved:
     """The Trainer's data: the case's batches, with a timed raw-loop chunk before each
     chunk the Trainer gets.
 
-    Before yielding batch ``i`` (for ``i`` a multiple of `chunk`), it runs batches
-    ``i .. i + chunk`` through `raw` on the twin model, with summaries off, and records
-    how long that took; it also records how long the Trainer took over the previous
-    chunk (from the end of the raw chunk before it until now). The Trainer's last chunk
-    is never followed by a request, so it is not timed; nor is anything before `warmup`.
+    Before yielding batch ``i`` (for ``i`` a chunk start: 0, then `phase` and every
+    `chunk` after it), it runs the chunk's batches through `raw` on the twin
+    model, with summaries off, and records how long that took; it also records how long
+    the Trainer took over the previous chunk (from the end of the raw chunk before it
+    until now). The Trainer's last chunk is never followed by a request, so it is not
+    timed; nor is anything before `warmup`.
+
+    Chunks start half a chunk off the multiples of `chunk`, so that the Trainer's
+    flushes (every ``log_every`` steps, a multiple of the chunk or a divisor of it) fall
+    inside its own chunks: the writer thread's work right after a flush then competes
+    with the Trainer's steps, as in a real run, instead of with the raw loop's.
 
     Args:
         batches: The Trainer's batches, already on the device.
@@ -358,13 +407,16 @@ class Interleaved:
         chunk: Batches per chunk.
         warmup: Batches at the start that are not timed (imports, allocator, first flush).
         device: Synchronised before each clock reading.
+        phase: The second chunk's start (default ``chunk // 2``; a multiple of the
+            accumulation); 0 starts chunks at the multiples of `chunk`.
     """
 
     def __init__(self, batches: list[Batch], raw_batches: list[Batch], raw: RawLoop,
                  twin: tuple[nn.Module, torch.optim.Optimizer], chunk: int, warmup: int,
-                 device: torch.device) -> None:
+                 device: torch.device, phase: int | None = None) -> None:
         self.batches, self.raw_batches, self.raw, self.twin = batches, raw_batches, raw, twin
         self.chunk, self.warmup, self.device = chunk, warmup, device
+        self.phase = chunk // 2 if phase is None else phase
         # By chunk start: (seconds, minor faults) of each side.
         self.trainer: dict[int, tuple[float, int]] = {}
         self.raw_times: dict[int, tuple[float, int]] = {}
@@ -375,21 +427,24 @@ class Interleaved:
     def __iter__(self) -> Iterator[Batch]:
         clock, chunk = time.perf_counter, self.chunk
         resumed: tuple[float, int] | None = None  # when the Trainer's chunk began
-        for start in range(0, len(self.batches), chunk):
+        previous = 0  # where it began
+        starts = [0, *range(self.phase, len(self.batches), chunk)] if self.phase \
+            else list(range(0, len(self.batches), chunk))
+        for start, stop in zip(starts, [*starts[1:], len(self.batches)]):
             synchronize(self.device)
             now, faults = clock(), minor_faults()
-            if resumed is not None and start - chunk >= self.warmup:
-                self.trainer[start - chunk] = (now - resumed[0], faults - resumed[1])
+            if resumed is not None and previous >= self.warmup:
+                self.trainer[previous] = (now - resumed[0], faults - resumed[1])
             with summaries_off():  # as outside fit: write_summary does nothing
-                self.raw(*self.twin, self.raw_batches[start:start + chunk])
+                self.raw(*self.twin, self.raw_batches[start:stop])
             synchronize(self.device)
             end, end_faults = clock(), minor_faults()
             if start >= self.warmup:
                 self.raw_times[start] = (end - now, end_faults - faults)
-            resumed = (clock(), minor_faults())
+            resumed, previous = (clock(), minor_faults()), start
             # The Trainer's batches come through this generator: one resume per batch
             # more than the raw loop's list iteration, counted against the Trainer.
-            yield from self.batches[start:start + chunk]
+            yield from self.batches[start:stop]
 
     def pairs(self) -> list[tuple[tuple[float, int], tuple[float, int]]]:
         """(Trainer, raw) timings of every chunk both sides were timed on."""
@@ -460,11 +515,16 @@ def make_batches(case: Case, steps: int, device: torch.device, seed: int) -> lis
     return [pool[i % len(pool)] for i in range(steps)]
 
 
-def build(case: Case, device: torch.device, seed: int
+def build(case: Case, device: torch.device, seed: int, raw: bool = False
           ) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A fresh model and optimizer, identical for every run with the same seed."""
+    """A fresh model and optimizer, identical for every run with the same seed; with
+    `raw`, the hand-written loop's (in DDP for a case of several processes)."""
     torch.manual_seed(seed)
     model = case.model(case.dims).to(device)
+    if raw and case.processes > 1:  # the hand-written DDP loop; the Trainer wraps its own
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
     model.train()
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -488,9 +548,9 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torch.device,
                       seed: int, log_dir: str) -> Round:
     """One `fit` over `batches`, interleaved chunk by chunk with the raw loop."""
-    twin = build(case, device, seed)
+    twin = build(case, device, seed, raw=True)
     data = Interleaved(batches, copies(batches), case.raw, twin, chunk, warmup=chunk,
-                       device=device)
+                       device=device, phase=chunk // 2 // case.accumulation * case.accumulation)
     trainer = make_trainer(case, data, device, seed, log_dir)
     gc.collect()
     trainer.fit()
@@ -539,7 +599,8 @@ def bench_case(case: Case, device: torch.device, quick: bool, rounds: int | None
     if chunk % case.accumulation:
         raise ValueError(f"{case.name}: chunk={chunk} is not a multiple of the "
                          f"accumulation ({case.accumulation})")
-    batches = make_batches(case, steps, device, seed)
+    # Under torchrun each rank draws its own batches, as sharded data would give it.
+    batches = make_batches(case, steps, device, seed + int(os.environ.get("RANK", "0")))
     run_dirs = (os.path.join(log_root, f"{case.name}-{i}") for i in range(sys.maxsize))
     interleaved_round(case, batches, chunk, device, seed, next(run_dirs))  # warm-up
     done = [interleaved_round(case, batches, chunk, device, seed, next(run_dirs))
@@ -633,7 +694,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         malloc = "pinned thresholds" if pin_malloc() else "default (mallopt unavailable)"
     device = torch.empty(0, device=args.device).device
-    cases = [case for case in CASES if args.cases is None or case.name in args.cases]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # under torchrun: the DDP cases, on the group the Trainer joins
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        if dist.get_rank() != 0:  # rank 0 prints
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
+    cases = [case for case in CASES if (args.cases is None or case.name in args.cases)
+             and case.processes == processes]
     for case in [case for case in cases if case.needs and not importlib.util.find_spec(
             case.needs)]:
         print(f"skipping {case.name}: it needs {case.needs}", flush=True)

@@ -31,6 +31,7 @@ import datetime
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -55,6 +56,11 @@ __all__ = ["Distributed", "combine_totals"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 # A tag's window: (sum of its values, how many, first non-finite step or None).
 Totals = dict[str, tuple[float, float, int | None]]
+
+# Stop votes (`Distributed.vote_stop`) are about this far apart, and at most this many
+# steps: a signal is agreed within about twice that.
+VOTE_INTERVAL_S = 0.1
+MAX_VOTE_STEPS = 256
 
 _CONTROL_GROUP: Any = None  # one CPU (gloo) side channel per process, made on first use
 _CHECKPOINT_GROUP: Any = None  # another, for sharded checkpoints (`checkpoint_group`)
@@ -96,6 +102,10 @@ class Distributed:
         self._stop_flag: torch.Tensor | None = None
         self._stop_work: Any = None
         self._stop_agreed = False
+        # The vote's schedule (`vote_stop`): the next vote's step, the steps between
+        # votes, and when the last vote started.
+        self._next_vote = self._vote_step = self._vote_time = 0
+        self._vote_every = 1
 
     @property
     def is_main(self) -> bool:
@@ -434,22 +444,40 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group())
         return bool(value.item())
 
-    def vote_stop(self, requested: bool) -> bool:
-        """Agree on stopping without making any rank wait: True on every rank at the same
-        step, one step after any rank requested a stop.
+    def vote_stop(self, requested: bool, step: int) -> bool:
+        """Agree on stopping without making any rank wait, at a cost that does not
+        depend on how short a step is: True on every rank at the same step, at most
+        ``2 * K - 1`` steps after any rank requested a stop, where K, the steps between
+        two votes, is about `VOTE_INTERVAL_S` worth of steps (1 for steps of that long or
+        longer, at most `MAX_VOTE_STEPS`).
 
-        Each call collects the previous call's vote (long finished by now) and starts
-        an asynchronous all-reduce of this one, on a CPU side channel.
+        A vote is an asynchronous all-reduce (MAX) of ``[requested, ns per step]`` on a
+        CPU side channel, started at a vote step and collected at the next one (long
+        finished by then). Every rank derives the next K from the same reduced step
+        time, so the ranks vote at the same steps. Call it after every step.
         """
         if not self.collectives_ok:
             return requested
+        if self._stop_agreed or step < self._next_vote:
+            return self._stop_agreed
         if self._stop_work is not None:
             self._stop_work.wait()
-            self._stop_agreed = self._stop_agreed or bool(self._stop_flag.item())  # type: ignore[union-attr]
-        self._stop_flag = torch.tensor([int(requested)], dtype=torch.int32)
+            flag, per_step = self._stop_flag.tolist()  # type: ignore[union-attr]
+            if flag:
+                self._stop_agreed = True
+                return True
+            if per_step > 0:  # unknown until a vote has measured a step
+                self._vote_every = max(1, min(MAX_VOTE_STEPS,
+                                              int(VOTE_INTERVAL_S * 1e9) // per_step))
+        now = time.perf_counter_ns()
+        per_step = (now - self._vote_time) // (step - self._vote_step) \
+            if self._vote_time and step > self._vote_step else 0
+        self._vote_time, self._vote_step = now, step
+        self._stop_flag = torch.tensor([int(requested), per_step], dtype=torch.int64)
         self._stop_work = dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX,
                                           group=_control_group(), async_op=True)
-        return self._stop_agreed
+        self._next_vote = step + self._vote_every
+        return False
 
     def end_votes(self) -> None:
         """Collect the outstanding vote, so the next `fit` starts clean."""
@@ -457,6 +485,8 @@ class Distributed:
             self._stop_work.wait()
         self._stop_work = self._stop_flag = None
         self._stop_agreed = False
+        self._next_vote = self._vote_step = self._vote_time = 0
+        self._vote_every = 1
 
     def reduce_totals(self, totals: Totals, modes: dict[str, str], share: Any = None
                       ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]],

@@ -192,6 +192,9 @@ class LoggingHook(Hook):
         self._window_start = 0.0
         self._window_steps = 0
         self._window_micro = 0  # micro-batches: loss means are over these
+        # Under torchrun, the loss keys this rank knows, as sent with each flush; made
+        # again only when a key is added.
+        self._share: tuple[list[str], list[str]] | None = None
 
     def before_train(self, trainer: TrainerView) -> None:
         self._window_start = time.perf_counter()
@@ -209,6 +212,7 @@ class LoggingHook(Hook):
         # counts in loss/total and in the non-finite check of the window.
         self._tags = {key: f"loss/{key}" for key in state["loss_keys"]}
         self._mean_keys = dict.fromkeys(state.get("mean_keys", ()))
+        self._share = None
 
     def after_step(self, trainer: TrainerView) -> None:
         sink = trainer.sink
@@ -222,12 +226,15 @@ class LoggingHook(Hook):
                         if tag is not None:
                             _switched(key, trainer.state.step, "a Mean", "a plain tensor")
                         mean_keys[key] = None
+                        self._share = None
                     if tag is None:
                         tag = tags[key] = f"loss/{key}"
+                        self._share = None
                     sink.put_mean(tag, loss.total, loss.count)
                     continue
                 if tag is None:
                     tag = tags[key] = f"loss/{key}"
+                    self._share = None
                 elif mean_keys and key in mean_keys:
                     _switched(key, trainer.state.step, "a plain tensor", "a Mean")
                 sink.put_scalar(tag, loss)
@@ -261,13 +268,20 @@ class LoggingHook(Hook):
         # The last completed step: after a failed step, its partial window is still
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
-        record = sink.flush(trainer.state.step,
-                            share=(list(self._tags), list(self._mean_keys)))
-        for shared in record.shared:
-            keys, mean_keys = shared or ((), ())
-            for key in keys:
-                self._tags.setdefault(key, f"loss/{key}")
-            self._mean_keys.update(dict.fromkeys(mean_keys))
+        if not trainer.dist.enabled:
+            record = sink.flush(trainer.state.step)
+        else:
+            if self._share is None:
+                self._share = (list(self._tags), list(self._mean_keys))
+            record = sink.flush(trainer.state.step, share=self._share)
+            known = (len(self._tags), len(self._mean_keys))
+            for shared in record.shared:
+                keys, mean_keys = shared or ((), ())
+                for key in keys:
+                    self._tags.setdefault(key, f"loss/{key}")
+                self._mean_keys.update(dict.fromkeys(mean_keys))
+            if (len(self._tags), len(self._mean_keys)) != known:
+                self._share = None
         # loss/total is derived, not stored per step: the window's summed plain losses
         # over its micro-batches (and ranks), exact also when an optional loss is missing
         # from some of them, plus each Mean term's window value (its pooled mean).

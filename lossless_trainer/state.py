@@ -163,7 +163,8 @@ class TrainerView(Protocol):
         ...
 
     def request_stop(self, reason: str = "requested") -> None:
-        """End `fit` after the current step (under torchrun: every rank, one step later)."""
+        """End `fit` after the current step (under torchrun: every rank, at the step of
+        the next flush; at this step's if asked before the logging hook's turn)."""
         ...
 
     def evaluate(self, data: Iterable[Any] | None = None,

@@ -198,6 +198,23 @@ class _ScalarWindow:
         self.weights: list[torch.Tensor] | None = [] if weighted else None
         self.weight_total: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Empty the window for the next one (kept, not rebuilt, at every flush)."""
+        self.values.clear()
+        self.steps.clear()
+        self.offset = 0
+        self.total = self.first_bad = self.weight_total = None
+        self.py_sum = 0.0
+        self.py_count = 0
+        self.py_first_bad = None
+        if self.weights is not None:
+            self.weights.clear()
+
+    def empty(self) -> bool:
+        """Whether nothing was added since the last `reset`."""
+        return not self.steps and not self.py_count and not self.py_sum \
+            and self.py_first_bad is None and not self.weights and self.weight_total is None
+
     def add_number(self, value: float, step: int, count: float = 1) -> None:
         """Add a number; `count` is its weight (a `Mean`'s count is added apart: 0)."""
         self.py_sum += value
@@ -242,12 +259,18 @@ class SummarySink:
         reducer: Combines the window's scalar sums with those of the other processes at
             each flush (see `lossless_trainer.distributed.combine_totals`). None: this
             process's values as they are.
+        stop_requested: With a reducer: whether this process wants training to stop,
+            sent with every flush's window; `stop_agreed_at` is then the step of the
+            last flush at which any process wanted to, the same on every process.
     """
 
-    def __init__(self, reducer: Reducer | None = None) -> None:
+    def __init__(self, reducer: Reducer | None = None,
+                 stop_requested: Callable[[], bool] | None = None) -> None:
         self.step = 0
         self._flush_due = False
         self.reducer = reducer
+        self._stop_requested = stop_requested
+        self.stop_agreed_at: int | None = None
         self._scalars: dict[str, _ScalarWindow] = {}
         self._others: dict[str, tuple[str, str, Any, int]] = {}
         self._modes: dict[str, str] = {}  # tags logged with a reduce= other than "mean"
@@ -264,7 +287,7 @@ class SummarySink:
     @property
     def pending(self) -> bool:
         """Whether anything was written since the last flush."""
-        return bool(self._scalars or self._others)
+        return bool(self._others) or any(not w.empty() for w in self._scalars.values())
 
     def begin_step(self, step: int, flush: bool) -> None:
         """Tag what follows with `step`; `flush` says whether this step ends the window
@@ -290,7 +313,7 @@ class SummarySink:
         updated buffer). Those are cloned so the window keeps the value of this step.
         """
         window = self._scalars.get(tag)
-        if window is None:
+        if window is None or (window.weights is not None and window.empty()):
             window = self._scalars[tag] = _ScalarWindow()
         elif window.weights is not None:
             _mixed(tag)
@@ -304,7 +327,7 @@ class SummarySink:
         its counts (pooled over ranks the same way under torchrun). Numbers stay on the
         host, tensors on their device; nothing is synced."""
         window = self._scalars.get(tag)
-        if window is None:
+        if window is None or (window.weights is None and window.empty()):
             window = self._scalars[tag] = _ScalarWindow(weighted=True)
         elif window.weights is None:
             _mixed(tag)
@@ -393,7 +416,7 @@ class SummarySink:
 
     def _number(self, tag: str, value: float) -> None:
         window = self._scalars.get(tag)
-        if window is None:
+        if window is None or (window.weights is not None and window.empty()):
             window = self._scalars[tag] = _ScalarWindow()
         elif window.weights is not None:
             _mixed(tag)
@@ -421,7 +444,11 @@ class SummarySink:
                     record.scalars[tag] = total / count
                     record.counts[tag] = count
         else:
-            values, nonfinite, record.shared = self.reducer(totals, self._modes, share)
+            stop = self._stop_requested is not None and self._stop_requested()
+            values, nonfinite, shared = self.reducer(totals, self._modes, (share, stop))
+            record.shared = [item[0] if item is not None else None for item in shared]
+            if any(item is not None and item[1] for item in shared):
+                self.stop_agreed_at = record.step
             for tag, (value, count) in values.items():
                 record.scalars[tag] = value
                 record.counts[tag] = count
@@ -434,7 +461,13 @@ class SummarySink:
             elif kind == "histogram":
                 value = value.cpu()
             record.others.append((kind, tag, value, step))
-        self._scalars = {}
+        # The windows of tags written in this window are kept for the next one; a tag
+        # not written in a whole window loses its window (tags may come and go).
+        for tag, window in list(self._scalars.items()):
+            if window.empty():
+                del self._scalars[tag]
+            else:
+                window.reset()
         self._others = {}
         return record
 
@@ -447,6 +480,8 @@ class SummarySink:
         plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int,
                          list[torch.Tensor] | None, int]] = []
         for tag, window in self._scalars.items():
+            if window.empty():  # kept from the last window, not written since
+                continue
             parts = window.values if window.total is None else [
                 *window.values, window.total, window.first_bad]
             stack = start = None
@@ -507,7 +542,8 @@ class SummarySink:
         Costs one device synchronisation. Histograms, images and text are not kept: they
         only exist on summary steps, which are flushed before a checkpoint is taken.
         """
-        weighted = [tag for tag, window in self._scalars.items() if window.weights is not None]
+        weighted = [tag for tag, window in self._scalars.items()
+                    if window.weights is not None and not window.empty()]
         return {"scalars": {tag: {"sum": total, "count": count,
                                   "first_bad": -1 if first_bad is None else first_bad}
                             for tag, (total, count, first_bad) in self._totals().items()},

@@ -274,7 +274,9 @@ class Trainer:
         # 0's for full ones, every rank's for sharded ones.
         self._saver = BackgroundSaver() if async_checkpoint else None
         self.log_every = log_every
-        self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None)
+        # Under torchrun a stop request travels with each flush's gather (`_stopping`).
+        self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None,
+                                stop_requested=lambda: self._stop_request is not None)
         self.hooks = HookList([*builtin_hooks(evaluate=eval_data is not None,
                                               eval_every=eval_every,
                                               checkpoint_every=checkpoint_every,
@@ -298,6 +300,7 @@ class Trainer:
         self.resumed_from: str | None = None
         self.exception: BaseException | None = None
         self._stop_request: str | None = None
+        self._signalled = False  # whether the stop request came from a signal
         self._prepared = False  # whether a fit has seeded and resumed
         self._first_step = 1  # the first step of the current fit
 
@@ -333,6 +336,11 @@ class Trainer:
     def request_stop(self, reason: str = "requested") -> None:
         """Ask `fit` to stop after the current step. Hooks call this (early stopping)."""
         self._stop_request = reason
+
+    def _on_signal(self, name: str) -> None:
+        """A SIGTERM or SIGINT: a stop request that is also voted on between flushes."""
+        self._signalled = True
+        self.request_stop(name)
 
     @property
     def stop_requested(self) -> bool:
@@ -385,7 +393,7 @@ class Trainer:
         last_step = self.total_steps or self._step_limit
         self.model.train()
         self.writers = self._open_writers(state.step)
-        with sink.activate(), stop_on_signals(self.handle_signals, self.request_stop):
+        with sink.activate(), stop_on_signals(self.handle_signals, self._on_signal):
             try:
                 hooks.call("before_train", self)
                 while not self._stopping(between_epochs=True):
@@ -436,23 +444,31 @@ class Trainer:
         self._step_limit = step_limit(self.max_steps)
         self._epoch_limit = sys.maxsize if self.max_epochs is None else self.max_epochs
         self.exception = None
-        self.state.stop_reason = self._stop_request = None
+        self.state.stop_reason = self._stop_request = self.sink.stop_agreed_at = None
+        self._signalled = False
         self._first_step = self.state.step + 1  # a failing model call there is explained
 
     def _stopping(self, between_epochs: bool) -> bool:
         """Whether `fit` ends here; sets `state.stop_reason`. The one place that decides.
 
-        Under torchrun every rank must stop at the same step, so stop requests (hooks,
-        signals) are put to a vote: after a step an asynchronous one, agreed one step
-        after any rank asked; between epochs, where every rank is at once, a synchronous
-        one, so a stop asked in `after_epoch` starts no new epoch.
+        Under torchrun every rank must stop at the same step, and agreeing must not cost
+        every step a collective. A request (a hook's, a signal's) travels with the next
+        flush's gather, which every rank makes anyway: every rank stops at that flush's
+        step, the same step in every run. A signal is also put to an asynchronous vote
+        every few steps (about 100 ms of them: `Distributed.vote_stop`), so a SIGTERM is
+        agreed within about 200 ms whatever `log_every` is. Between epochs, where every
+        rank is at once, a synchronous vote, so a stop asked in `after_epoch` starts no
+        new epoch.
         """
         state = self.state
         if state.stop_reason is None:
             requested = self._stop_request is not None
             if self.dist.enabled:
-                requested = (self.dist.any(requested) if between_epochs
-                             else self.dist.vote_stop(requested))
+                if between_epochs:
+                    requested = self.dist.any(requested)
+                else:
+                    voted = self.dist.vote_stop(self._signalled, state.step)
+                    requested = voted or self.sink.stop_agreed_at == state.step
             if requested:
                 state.stop_reason = self._stop_request or "stopped on another rank"
             elif state.step >= self._step_limit:

@@ -47,6 +47,7 @@ from lossless_trainer import (
     Trainer,
     write_summary,
 )
+from lossless_trainer.resume import clear_termination
 
 
 class Regressor(Model):
@@ -207,9 +208,23 @@ def optional(out: str) -> None:
 
     trainer = Trainer(TwoHeads(), data, max_steps=8, log_dir=os.path.join(out, "stop"),
                       progress=False, keep_last=0, find_unused_parameters=True,
-                      callbacks=[StopOnRank1()])
+                      callbacks=[StopOnRank1()], log_every=2)
     state = trainer.fit()
     save(out, "stop", {"step": state.step, "reason": state.stop_reason})
+
+    class SigtermOnRank1(Hook):  # as if the scheduler signalled one process only
+        def after_step(self, trainer):
+            if trainer.dist.rank == 1 and trainer.state.step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = Trainer(TwoHeads(), DataLoader(dataset(16 * 1200), batch_size=8),
+                      max_steps=1200, log_every=1000,
+                      log_dir=os.path.join(out, "sigterm"), progress=False, keep_last=0,
+                      find_unused_parameters=True, callbacks=[SigtermOnRank1()])
+    state = trainer.fit()
+    save(out, "sigterm", {"step": state.step, "reason": state.stop_reason,
+                          "vote_every": trainer.dist._vote_every})
+    clear_termination()
 
     class StopAfterEpochOnRank1(Hook):
         def after_epoch(self, trainer):

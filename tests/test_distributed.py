@@ -107,9 +107,17 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
     for record in read_metrics(str(out / "aux")):  # rank 1's own key counts on rank 0
         assert math.isclose(record["loss/total"],
                             record["loss/mse"] + record["loss/aux"] / 2, rel_tol=1e-6)
-    # Rank 1 alone asked to stop after step 3: both ranks stopped together, one step on.
+    # Rank 1 alone asked to stop after step 3: both ranks stopped together at the next
+    # flush (log_every=2), the same step in every run.
     assert load(out, "stop", 0) == {"step": 4, "reason": "stopped on another rank"}
     assert load(out, "stop", 1) == {"step": 4, "reason": "rank 1 asked"}
+    # A SIGTERM on rank 1 alone after step 5, no flush before step 1000: the vote, every
+    # few steps, stops both at the same step, within twice its interval.
+    sigterm = [load(out, "sigterm", rank) for rank in (0, 1)]
+    assert sigterm[0]["step"] == sigterm[1]["step"]
+    assert 5 < sigterm[0]["step"] <= 5 + 2 * sigterm[0]["vote_every"] < 1000
+    assert (sigterm[0]["reason"], sigterm[1]["reason"]) == ("stopped on another rank",
+                                                            "SIGTERM")
     # A stop asked between epochs, on one rank, holds every rank at the epoch boundary.
     assert load(out, "epoch_stop", 0) == {"step": 4, "epoch": 1,  # 4 batches per rank
                                           "reason": "stopped on another rank"}

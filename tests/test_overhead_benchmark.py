@@ -14,7 +14,8 @@ def overhead():
         yield module
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-bf16", "tiny-accum4", "tiny-mean-accum4"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-log1", "summary-heavy", "tiny-bf16",
+                                  "tiny-accum4", "tiny-mean-accum4"])
 def test_each_round_times_both_sides_and_ends_with_equal_weights(overhead, tmp_path, name):
     case = next(c for c in overhead.CASES if c.name == name)
     cpu = torch.device("cpu")
@@ -24,19 +25,25 @@ def test_each_round_times_both_sides_and_ends_with_equal_weights(overhead, tmp_p
                                 warmup=24, device=cpu)
     trainer = overhead.make_trainer(case, data, cpu, 0, str(tmp_path))
     trainer.fit()
-    # Chunks start at 0, 24, 48, 72; the first is warm-up, and the Trainer's last chunk
-    # is never followed by a request for a batch, so it cannot be timed.
-    assert sorted(data.raw_times) == [24, 48, 72] and sorted(data.trainer) == [24, 48]
+    # Chunks start at 0, 12, 36, 60, 84 (half a chunk off, so flushes fall inside the
+    # Trainer's chunks); those before 24 are warm-up, and the Trainer's last chunk is
+    # never followed by a request for a batch, so it cannot be timed.
+    assert sorted(data.raw_times) == [36, 60, 84] and sorted(data.trainer) == [36, 60]
     assert len(data.pairs()) == 2 and all(t > 0 and r > 0 for (t, _), (r, _) in data.pairs())
     assert trainer.state.step == 96 // case.accumulation
     assert overhead.same_weights(trainer.model, twin[0])
     # The raw chunks ran with summaries off: the last window holds the Trainer's own
     # values only, one per micro-batch since the flush at step 50 (if there was one).
     steps = trainer.state.step
-    window_steps = steps - (steps - 1) // 50 * 50
+    every = case.trainer_kwargs.get("log_every", 50)
+    window_steps = steps - (steps - 1) // every * every
     record = trainer.last_summary
     assert record is not None and record.step == steps
-    assert record.counts["logits/abs_mean"] == window_steps * case.accumulation
+    tag = "heads/head1/probs/min" if name == "summary-heavy" else "logits/abs_mean"
+    assert record.counts[tag] == window_steps * case.accumulation
+    if name == "summary-heavy":  # 20 scalars from three nested scopes, and a histogram
+        assert len([t for t in record.scalars if t.startswith("heads/")]) == 20
+        assert [(kind, tag) for kind, tag, _, _ in record.others] == [("histogram", "logits")]
 
 
 def test_a_round_and_the_table(overhead, tmp_path, capsys):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from conftest import TinyClassifier, make_batches, read_metrics, train
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.compat.proto import summary_pb2
 from torch import nn
 
 from lossless_trainer import (
@@ -38,6 +39,7 @@ from lossless_trainer import (
     summary_scope,
     write_summary,
 )
+from lossless_trainer.summary import SummaryRecord
 from lossless_trainer.writers import JSONLinesWriter, check_writers
 
 LOG_EVERY = 5
@@ -668,3 +670,57 @@ def test_save_checkpoint_puts_what_was_flushed_on_disk_first(quiet):
     # Without the flush in save_checkpoint the records would still sit in the buffer
     # (handed to the writer thread at most once a second).
     assert seen == [[2, 4]]
+
+
+def _record_with_everything() -> SummaryRecord:
+    generator = torch.Generator().manual_seed(0)
+    return SummaryRecord(step=7, scalars={"loss/total": 0.25, "lr": 1e-3}, others=[
+        ("histogram", "weights", torch.randn(50, generator=generator), 7),
+        ("image", "grid", (torch.rand(3, 8, 8, generator=generator), "CHW"), 7),
+        ("image", "batch", (torch.rand(2, 1, 4, 4, generator=generator), "NCHW"), 7),
+        ("text", "note", "hello", 7)])
+
+
+def _decoded(log_dir: Path) -> list:
+    """Every event's step and summary values, decoded, in order (wall times left out)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (name,) = [n for n in os.listdir(log_dir) if n.startswith("events.out.tfevents")]
+    return [(event.step, [(v.tag, v.WhichOneof("value"), v.SerializeToString())
+                          for v in event.summary.value])
+            for event in EventFileLoader(str(log_dir / name)).Load()
+            if event.HasField("summary")]
+
+
+@pytest.mark.parametrize("crc", ["c", "python"])
+def test_event_files_hold_what_torch_summarywriter_writes(tmp_path, monkeypatch, crc):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lossless_trainer import writers as writers_module
+
+    if crc == "python":  # without crc32c: TensorBoard's own CRC32C
+        for module in ("crc32c", "google_crc32c"):
+            monkeypatch.setitem(sys.modules, module, None)
+    ours = writers_module.TensorBoardWriter(tmp_path / "ours", purge_step=5)
+    assert (ours._crc.__module__ == "lossless_trainer.writers") == (crc == "c")
+    record = _record_with_everything()
+    ours.write(record)
+    ours.close()
+    theirs = SummaryWriter(str(tmp_path / "theirs"), purge_step=5)
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
+                                         for t, v in record.scalars.items()])
+    theirs.file_writer.add_summary(summary, 7)
+    theirs.add_histogram("weights", record.others[0][2], 7)
+    theirs.add_image("grid", record.others[1][2][0], 7, dataformats="CHW")
+    theirs.add_images("batch", record.others[2][2][0], 7, dataformats="NCHW")
+    theirs.add_text("note", "hello", 7)
+    theirs.close()
+    assert _decoded(tmp_path / "ours") == _decoded(tmp_path / "theirs")
+    # The purge step reaches TensorBoard as torch's writer says it.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    for side in ("ours", "theirs"):
+        (name,) = os.listdir(tmp_path / side)
+        starts = [e.step for e in EventFileLoader(str(tmp_path / side / name)).Load()
+                  if e.HasField("session_log")]
+        assert starts == [5]
