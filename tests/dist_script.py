@@ -222,8 +222,7 @@ def optional(out: str) -> None:
                       log_dir=os.path.join(out, "sigterm"), progress=False, keep_last=0,
                       find_unused_parameters=True, callbacks=[SigtermOnRank1()])
     state = trainer.fit()
-    save(out, "sigterm", {"step": state.step, "reason": state.stop_reason,
-                          "vote_every": trainer.dist._vote_every})
+    save(out, "sigterm", {"step": state.step, "reason": state.stop_reason})
     clear_termination()
 
     class StopAfterEpochOnRank1(Hook):
