@@ -41,7 +41,6 @@ from .checkpoint import (
 )
 from .data import loader_generators, rebuild_loader, set_epoch
 from .relayout import ListBatches, can_relay, describe, position, remaining_batches
-from .sharded import is_sharded
 from .state import logger
 
 if TYPE_CHECKING:
@@ -475,7 +474,7 @@ def _choose(resume: Any, checkpoint_dir: str, dist: Distributed
             return []
         paths = [p for _, p in list_checkpoints(checkpoint_dir)] if resume == "auto" \
             else [resume]
-        return [(is_sharded(p), p) for p in reversed(paths)]
+        return [(sharded.is_sharded(p), p) for p in reversed(paths)]
 
     preloaded: dict[str, Any] = {}
 

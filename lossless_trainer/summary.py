@@ -313,10 +313,10 @@ class SummarySink:
         updated buffer). Those are cloned so the window keeps the value of this step.
         """
         window = self._scalars.get(tag)
-        if window is None or (window.weights is not None and window.empty()):
+        if window is None:
             window = self._scalars[tag] = _ScalarWindow()
-        elif window.weights is not None:
-            _mixed(tag)
+        elif window.weights is not None:  # a Mean's window: fine if left from before
+            window = self._replace(tag, window, weighted=False)
         window.values.append(_kept(value))
         window.steps.append(self.step)
         if len(window.values) >= _FOLD_AT:
@@ -327,10 +327,10 @@ class SummarySink:
         its counts (pooled over ranks the same way under torchrun). Numbers stay on the
         host, tensors on their device; nothing is synced."""
         window = self._scalars.get(tag)
-        if window is None or (window.weights is None and window.empty()):
+        if window is None:
             window = self._scalars[tag] = _ScalarWindow(weighted=True)
         elif window.weights is None:
-            _mixed(tag)
+            window = self._replace(tag, window, weighted=True)
         if isinstance(total, torch.Tensor):
             if total.numel() != 1:
                 raise ValueError(f"write_summary({tag!r}, Mean(total, count)): total must be "
@@ -406,6 +406,14 @@ class SummarySink:
         else:
             self._others[tag] = ("histogram", tag, tensor.detach().clone(), self.step)
 
+    def _replace(self, tag: str, window: _ScalarWindow, weighted: bool) -> _ScalarWindow:
+        """A window of the other kind (a `Mean`'s, or plain) for `tag`: allowed only if
+        the one there is empty, kept from an earlier window."""
+        if not window.empty():
+            _mixed(tag)
+        window = self._scalars[tag] = _ScalarWindow(weighted=weighted)
+        return window
+
     def _set_mode(self, tag: str, reduce: str) -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"write_summary({tag!r}): unknown reduce={reduce!r}; use one of "
@@ -416,10 +424,10 @@ class SummarySink:
 
     def _number(self, tag: str, value: float) -> None:
         window = self._scalars.get(tag)
-        if window is None or (window.weights is not None and window.empty()):
+        if window is None:
             window = self._scalars[tag] = _ScalarWindow()
         elif window.weights is not None:
-            _mixed(tag)
+            window = self._replace(tag, window, weighted=False)
         window.add_number(value, self.step)
 
     def flush(self, step: int | None = None, share: Any = None) -> SummaryRecord:

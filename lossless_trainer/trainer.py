@@ -429,17 +429,8 @@ class Trainer:
 
     def _prepare_fit(self) -> None:
         """Before the loop: on the first fit, seed and resume; on every fit, start clean."""
-        dist = self.dist
         if not self._prepared:
-            if self.seed is not None:
-                # Each rank draws its own dropout masks and augmentations; DDP and FSDP
-                # start every rank from rank 0's weights whatever the seed.
-                seed_everything(self.seed + dist.rank)
-            self.resumed_from = resume_from_checkpoint(self.resume, self.checkpoint_dir,
-                                                       dist, self.load_state_dict,
-                                                       length(self.data))
-            self._prepared = True
-            dist.check_data(self.data, self._data_sharded)
+            self._seed_and_resume(self.resume, set_aside=True)
         # Read at every fit: the limits may have been raised since the last one.
         self._step_limit = step_limit(self.max_steps)
         self._epoch_limit = sys.maxsize if self.max_epochs is None else self.max_epochs
@@ -878,12 +869,20 @@ class Trainer:
         Raises:
             CheckpointError: it cannot be read, fails verification, or does not fit.
         """
-        if not self._prepared and self.seed is not None:
+        self._seed_and_resume(os.fspath(path), set_aside=False)
+
+    def _seed_and_resume(self, resume: Any, set_aside: bool) -> None:
+        """Resume as `resume` says (`resume_from_checkpoint`); the first time, seed
+        before and check the data after."""
+        first = not self._prepared
+        if first and self.seed is not None:
+            # Each rank draws its own dropout masks and augmentations; DDP and FSDP
+            # start every rank from rank 0's weights whatever the seed.
             seed_everything(self.seed + self.dist.rank)
-        self.resumed_from = resume_from_checkpoint(
-            os.fspath(path), self.checkpoint_dir, self.dist, self.load_state_dict,
-            length(self.data), set_aside=False)
-        if not self._prepared:
+        self.resumed_from = resume_from_checkpoint(resume, self.checkpoint_dir, self.dist,
+                                                   self.load_state_dict, length(self.data),
+                                                   set_aside=set_aside)
+        if first:
             self._prepared = True
             self.dist.check_data(self.data, self._data_sharded)
 
