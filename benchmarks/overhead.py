@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import gc
 import importlib.util
 import os
@@ -173,14 +174,18 @@ class SummaryMLP(MLP):
 
 
 def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
-             batches: Sequence[Batch]) -> None:
+             batches: Sequence[Batch], read_loss: bool = False) -> None:
     """The hand-written equivalent of one `Trainer.fit` pass over `batches`.
 
     Args:
         model: The model, in training mode.
         optimizer: An optimizer over the model's parameters.
         batches: Batches already on the model's device.
+        read_loss: Read the loss with ``.item()`` every step for a running average, as
+            the loop is usually written (`raw_loop_idiomatic`): a host sync per step on
+            an accelerator.
     """
+    running = 0.0
     for batch in batches:
         losses = iter(model(batch).values())
         loss = next(losses)
@@ -189,6 +194,11 @@ def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if read_loss:
+            running += loss.item()
+
+
+raw_loop_idiomatic = functools.partial(raw_loop, read_loss=True)
 
 
 def raw_loop_bf16(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -265,13 +275,21 @@ def lm_batch(case: Case, generator: torch.Generator) -> Batch:
 
 
 def raw_loop_hf(model: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Sequence[Batch]) -> None:
-    """The hand-written loop on the bare Hugging Face model: its own loss."""
+                batches: Sequence[Batch], read_loss: bool = False) -> None:
+    """The hand-written loop on the bare Hugging Face model: its own loss (read with
+    ``.item()`` every step with `read_loss`: `raw_loop_hf_idiomatic`)."""
     net = model.model
+    running = 0.0
     for batch in batches:
-        net(**batch).loss.backward()
+        loss = net(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if read_loss:
+            running += loss.item()
+
+
+raw_loop_hf_idiomatic = functools.partial(raw_loop_hf, read_loss=True)
 
 
 def raw_loop_hf_tokens(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -320,6 +338,8 @@ class Case:
         processes: How many processes it runs on: 1, or under torchrun that many (the
             raw loop then wraps its model in DistributedDataParallel, and every rank
             draws its own batches). Only the cases for the current number run.
+        idiomatic: The raw loop as usually written (``.item()`` every step), timed
+            too with ``--idiomatic`` (the default on CUDA); None: not for this case.
     """
 
     name: str
@@ -337,6 +357,7 @@ class Case:
     batch: Callable[[Case, torch.Generator], Batch] = mlp_batch
     needs: str | None = None
     processes: int = 1
+    idiomatic: RawLoop | None = None
 
     @property
     def accumulation(self) -> int:
@@ -345,9 +366,9 @@ class Case:
 
 CASES: list[Case] = [
     Case("tiny", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=21,
-         chunk=50, target=1.05),
+         chunk=50, target=1.05, idiomatic=raw_loop_idiomatic),
     Case("medium", (784, 1024, 1024, 10), batch_size=256, steps=100, quick_steps=30,
-         rounds=5, chunk=10, target=1.02, distinct_batches=16),
+         rounds=5, chunk=10, target=1.02, distinct_batches=16, idiomatic=raw_loop_idiomatic),
     Case("tiny-log1", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
          chunk=50, target=1.10, trainer_kwargs={"log_every": 1}),
     Case("summary-heavy", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
@@ -362,9 +383,14 @@ CASES: list[Case] = [
     Case("tiny-mean-accum4", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200,
          rounds=7, chunk=48, target=None, trainer_kwargs={"grad_accum_steps": 4},
          raw=raw_loop_mean_accumulate, model=MeanMLP),
-    Case("gpt2", (256, 64, 2), batch_size=8, steps=400, quick_steps=40, rounds=7, chunk=20,
-         target=None, raw=raw_loop_hf, model=gpt2, batch=lm_batch, needs="transformers"),
-    Case("gpt2-accum4", (256, 64, 2), batch_size=8, steps=400, quick_steps=40, rounds=7,
+    Case("gpt2", (256, 64, 2), batch_size=8, steps=400, quick_steps=60, rounds=7, chunk=20,
+         target=None, raw=raw_loop_hf, model=gpt2, batch=lm_batch, needs="transformers",
+         idiomatic=raw_loop_hf_idiomatic),
+    # A small transformer for accelerators: 4 layers of width 256 (3.3 M parameters).
+    Case("gpt2-small", (256, 256, 4), batch_size=16, steps=300, quick_steps=60, rounds=5,
+         chunk=20, target=None, raw=raw_loop_hf, model=gpt2, batch=lm_batch,
+         needs="transformers", idiomatic=raw_loop_hf_idiomatic),
+    Case("gpt2-accum4", (256, 64, 2), batch_size=8, steps=400, quick_steps=60, rounds=7,
          chunk=20, target=None, trainer_kwargs={"grad_accum_steps": 4},
          raw=raw_loop_hf_tokens, model=gpt2_tokens, batch=lm_batch, needs="transformers"),
 ]
@@ -413,13 +439,18 @@ class Interleaved:
 
     def __init__(self, batches: list[Batch], raw_batches: list[Batch], raw: RawLoop,
                  twin: tuple[nn.Module, torch.optim.Optimizer], chunk: int, warmup: int,
-                 device: torch.device, phase: int | None = None) -> None:
+                 device: torch.device, phase: int | None = None,
+                 others: Sequence[tuple[str, RawLoop, tuple[nn.Module, torch.optim.Optimizer],
+                                        list[Batch]]] = ()) -> None:
         self.batches, self.raw_batches, self.raw, self.twin = batches, raw_batches, raw, twin
         self.chunk, self.warmup, self.device = chunk, warmup, device
         self.phase = chunk // 2 if phase is None else phase
+        self.others = others
         # By chunk start: (seconds, minor faults) of each side.
         self.trainer: dict[int, tuple[float, int]] = {}
         self.raw_times: dict[int, tuple[float, int]] = {}
+        # The other hand-written loops' seconds, by name and chunk start.
+        self.other_times: dict[str, dict[int, float]] = {name: {} for name, *_ in others}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -436,15 +467,27 @@ class Interleaved:
             if resumed is not None and previous >= self.warmup:
                 self.trainer[previous] = (now - resumed[0], faults - resumed[1])
             with summaries_off():  # as outside fit: write_summary does nothing
-                self.raw(*self.twin, self.raw_batches[start:stop])
+                self.raw(*self.twin, OnDevice(self.raw_batches[start:stop], self.device))
             synchronize(self.device)
             end, end_faults = clock(), minor_faults()
             if start >= self.warmup:
                 self.raw_times[start] = (end - now, end_faults - faults)
+            for name, loop, twin, batches in self.others:
+                with summaries_off():
+                    loop(*twin, OnDevice(batches[start:stop], self.device))
+                synchronize(self.device)
+                if start >= self.warmup:
+                    self.other_times[name][start] = clock() - end
+                end = clock()
             resumed, previous = (clock(), minor_faults()), start
             # The Trainer's batches come through this generator: one resume per batch
             # more than the raw loop's list iteration, counted against the Trainer.
             yield from self.batches[start:stop]
+
+    def other_totals(self) -> dict[str, float]:
+        """Each other loop's seconds over the chunks the Trainer was timed on."""
+        return {name: sum(times[i] for i in self.trainer)
+                for name, times in self.other_times.items()}
 
     def pairs(self) -> list[tuple[tuple[float, int], tuple[float, int]]]:
         """(Trainer, raw) timings of every chunk both sides were timed on."""
@@ -452,15 +495,33 @@ class Interleaved:
         return [(self.trainer[i], self.raw_times[i]) for i in sorted(self.trainer)]
 
 
+class OnDevice(Sequence):
+    """`batches` as a hand-written loop moves them: each batch copied to `device` with a
+    plain ``.to(device)`` as it is read (nothing is copied if it is there already)."""
+
+    def __init__(self, batches: Sequence[Batch], device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return OnDevice(self.batches[index], self.device)
+        return pytree.tree_map_only(torch.Tensor, lambda t: t.to(self.device),
+                                    self.batches[index])
+
+
 @dataclass
 class Round:
-    """One `fit`: totals over its timed chunks, per batch."""
+    """One `fit`: totals over its timed chunks, per batch; `others`: the other loops'."""
 
     trainer: float
     raw: float
     trainer_faults: float
     raw_faults: float
     weights_match: bool
+    others: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -482,6 +543,11 @@ class Result:
     @property
     def ratio(self) -> float:
         return self.median("ratio")
+
+    def ratio_to(self, name: str) -> float | None:
+        """The median over rounds of Trainer / the other loop `name`, if it was timed."""
+        ratios = [r.trainer / r.others[name] for r in self.rounds if r.others.get(name)]
+        return statistics.median(ratios) if ratios else None
 
     @property
     def overhead(self) -> float:
@@ -546,11 +612,17 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 
 
 def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torch.device,
-                      seed: int, log_dir: str) -> Round:
-    """One `fit` over `batches`, interleaved chunk by chunk with the raw loop."""
+                      seed: int, log_dir: str, idiomatic: bool = False) -> Round:
+    """One `fit` over `batches`, interleaved chunk by chunk with the raw loop (and with
+    `idiomatic`, with the case's idiomatic loop too)."""
     twin = build(case, device, seed, raw=True)
+    others = []
+    if idiomatic and case.idiomatic is not None:
+        others.append(("idiomatic", case.idiomatic, build(case, device, seed, raw=True),
+                       copies(batches)))
     data = Interleaved(batches, copies(batches), case.raw, twin, chunk, warmup=chunk,
-                       device=device, phase=chunk // 2 // case.accumulation * case.accumulation)
+                       device=device, phase=chunk // 2 // case.accumulation * case.accumulation,
+                       others=others)
     trainer = make_trainer(case, data, device, seed, log_dir)
     gc.collect()
     trainer.fit()
@@ -566,7 +638,9 @@ def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torc
                  raw=sum(r for _, (r, _) in pairs) / timed,
                  trainer_faults=sum(f for (_, f), _ in pairs) / timed,
                  raw_faults=sum(f for _, (_, f) in pairs) / timed,
-                 weights_match=same_weights(trainer.model, twin[0]))
+                 weights_match=same_weights(trainer.model, twin[0]) and all(
+                     same_weights(trainer.model, other[0]) for _, _, other, _ in others),
+                 others={name: total / timed for name, total in data.other_totals().items()})
 
 
 def fixed_cost(case: Case, batches: list[Batch], device: torch.device, seed: int,
@@ -584,15 +658,20 @@ def fixed_cost(case: Case, batches: list[Batch], device: torch.device, seed: int
         trainer.fit()
         synchronize(device)
         middle = time.perf_counter()
-        case.raw(model, optimizer, short)
+        case.raw(model, optimizer, OnDevice(short, device))
         synchronize(device)
         differences.append((middle - start) - (time.perf_counter() - middle))
     return statistics.median(differences) - per_batch_overhead * len(short)
 
 
 def bench_case(case: Case, device: torch.device, quick: bool, rounds: int | None,
-               chunk: int | None, seed: int, log_root: str) -> Result:
-    """A warm-up round, then timed interleaved rounds, then the one-off cost of fit()."""
+               chunk: int | None, seed: int, log_root: str, idiomatic: bool = False
+               ) -> Result:
+    """A warm-up round, then timed interleaved rounds, then the one-off cost of fit().
+
+    With `idiomatic`, batches stay on the host, as a DataLoader yields them: the Trainer
+    moves them itself (prefetching on CUDA), the raw loop with ``.to(device)``, and the
+    case's idiomatic loop, timed too, the same way plus its ``.item()`` every step."""
     steps = case.quick_steps if quick else case.steps
     rounds = rounds or (2 if quick else case.rounds)
     chunk = chunk or case.chunk
@@ -600,10 +679,11 @@ def bench_case(case: Case, device: torch.device, quick: bool, rounds: int | None
         raise ValueError(f"{case.name}: chunk={chunk} is not a multiple of the "
                          f"accumulation ({case.accumulation})")
     # Under torchrun each rank draws its own batches, as sharded data would give it.
-    batches = make_batches(case, steps, device, seed + int(os.environ.get("RANK", "0")))
+    batches = make_batches(case, steps, torch.device("cpu") if idiomatic else device,
+                           seed + int(os.environ.get("RANK", "0")))
     run_dirs = (os.path.join(log_root, f"{case.name}-{i}") for i in range(sys.maxsize))
-    interleaved_round(case, batches, chunk, device, seed, next(run_dirs))  # warm-up
-    done = [interleaved_round(case, batches, chunk, device, seed, next(run_dirs))
+    interleaved_round(case, batches, chunk, device, seed, next(run_dirs), idiomatic)  # warm-up
+    done = [interleaved_round(case, batches, chunk, device, seed, next(run_dirs), idiomatic)
             for _ in range(rounds)]
     result = Result(case, steps, done)
     result.fixed_seconds = fixed_cost(case, batches, device, seed, log_root, result.overhead)
@@ -639,9 +719,11 @@ def machine_line(device: torch.device, malloc: str) -> str:
 
 def print_table(results: list[Result]) -> None:
     """One row per case: medians per batch, ratio, overhead, one-off cost, verdict."""
+    idiomatic = any(r.ratio_to("idiomatic") is not None for r in results)
     header = (f"{'case':<11} {'batches':>7} {'rounds':>6} {'trainer us':>10} {'raw us':>9} "
               f"{'ratio':>6} {'ratio IQR':>11} {'overhead us':>11} {'fit() ms':>8} "
-              f"{'faults T/R':>10} {'target':>7}  verdict")
+              f"{'faults T/R':>10} {'target':>7}  verdict"
+              + (f" {'idiom us':>9} {'T/idiom':>7}" if idiomatic else ""))
     print(header)
     print("-" * len(header))
     for r in results:
@@ -654,16 +736,28 @@ def print_table(results: list[Result]) -> None:
               f"{r.ratio:>6.3f} {q1:>5.3f}-{q3:<5.3f} "
               f"{r.overhead * 1e6:>11.1f} "
               f"{r.fixed_seconds * 1e3:>8.1f} {faults:>10} "
-              f"{'' if target is None else '<=' + format(target, '.2f'):>7}  {verdict}"
+              f"{'' if target is None else '<=' + format(target, '.2f'):>7}  {verdict:<7}"
+              + (_idiomatic_columns(r) if idiomatic else "")
               + ("" if r.weights_match else "  (WARNING: final weights differ)"))
     print("Per batch, steady state: medians over rounds (one fit() each, interleaved chunk "
           "by chunk with the raw loop); ratio = median of the rounds' Trainer/raw; "
           "fit() ms = once per fit() call, not per step; faults = minor page faults")
+    if any(r.ratio_to("idiomatic") is not None for r in results):
+        print("Batches on the host; idiom us = the idiomatic loop (.item() every step, plain "
+              ".to(device) copies) per batch; T/idiom = median of the rounds' Trainer/idiomatic")
     for r in results:
         q1, q3 = r.ratio_quartiles()
         if r.case.target is not None and q1 <= r.case.target < q3:
             print(f"note: {r.case.name}: the target lies within the rounds' interquartile "
                   "range; treat its verdict with caution")
+
+
+def _idiomatic_columns(result: Result) -> str:
+    ratio = result.ratio_to("idiomatic")
+    if ratio is None:
+        return f" {'-':>9} {'-':>7}"
+    seconds = statistics.median(r.others["idiomatic"] for r in result.rounds)
+    return f" {seconds * 1e6:>9.1f} {ratio:>7.3f}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -681,6 +775,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="override batches per round for every case")
     parser.add_argument("--device", default="cpu", help="device to train on (default: cpu)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--idiomatic", action=argparse.BooleanOptionalAction, default=None,
+                        help="batches on the host, and also time the idiomatic loop "
+                             "(.item() every step); default: on for CUDA devices")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's dynamic trim/mmap thresholds (see the module docs)")
     return parser.parse_args(argv)
@@ -694,6 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         malloc = "pinned thresholds" if pin_malloc() else "default (mallopt unavailable)"
     device = torch.empty(0, device=args.device).device
+    idiomatic = device.type == "cuda" if args.idiomatic is None else args.idiomatic
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:  # under torchrun: the DDP cases, on the group the Trainer joins
         import torch.distributed as dist
@@ -715,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases:
             started = time.perf_counter()
             results.append(bench_case(case, device, args.quick, args.rounds, args.chunk,
-                                      args.seed, log_root))
+                                      args.seed, log_root, idiomatic))
             print(f"  {case.name}: done in {time.perf_counter() - started:.1f}s", flush=True)
     print()
     print_table(results)

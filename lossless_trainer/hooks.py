@@ -261,16 +261,23 @@ class LoggingHook(Hook):
     def flush(self, trainer: TrainerView) -> None:
         sink = trainer.sink
         elapsed = time.perf_counter() - self._window_start
-        if elapsed > 0 and self._window_steps:
-            sink.put("perf/steps_per_sec", self._window_steps / elapsed, reduce="max")
-            if self._samples:  # the whole job's throughput: each rank's added
-                sink.put("perf/samples_per_sec", self._samples / elapsed, reduce="sum")
+        throughput = elapsed > 0 and self._window_steps
         # The last completed step: after a failed step, its partial window is still
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
         if not trainer.dist.enabled:
             record = sink.flush(trainer.state.step)
+            if throughput:  # one process: its own numbers, not through the sink
+                record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed
+                record.counts["perf/steps_per_sec"] = 1
+                if self._samples:
+                    record.scalars["perf/samples_per_sec"] = self._samples / elapsed
+                    record.counts["perf/samples_per_sec"] = 1
         else:
+            if throughput:
+                sink.put("perf/steps_per_sec", self._window_steps / elapsed, reduce="max")
+                if self._samples:  # the whole job's throughput: each rank's added
+                    sink.put("perf/samples_per_sec", self._samples / elapsed, reduce="sum")
             if self._share is None:
                 self._share = (list(self._tags), list(self._mean_keys))
             record = sink.flush(trainer.state.step, share=self._share)
@@ -285,22 +292,31 @@ class LoggingHook(Hook):
         # loss/total is derived, not stored per step: the window's summed plain losses
         # over its micro-batches (and ranks), exact also when an optional loss is missing
         # from some of them, plus each Mean term's window value (its pooled mean).
-        window_sums = [record.scalars[tag] * record.counts[tag] for key, tag in self._tags.items()
-                       if tag in record.counts and key not in self._mean_keys]
-        means = [record.scalars[f"loss/{key}"] for key in self._mean_keys
-                 if f"loss/{key}" in record.scalars]
+        scalars, counts, mean_keys = record.scalars, record.counts, self._mean_keys
+        window_sum = mean_sum = 0.0
+        found = False
+        for key, tag in self._tags.items():
+            if tag in counts:
+                found = True
+                if mean_keys and key in mean_keys:
+                    mean_sum += scalars[tag]
+                else:
+                    window_sum += scalars[tag] * counts[tag]
         micro_batches = self._window_micro * trainer.dist.world_size
-        if (window_sums or means) and micro_batches:
-            record.scalars["loss/total"] = sum(window_sums) / micro_batches + sum(means)
+        if found and micro_batches:
+            scalars["loss/total"] = window_sum / micro_batches + mean_sum
         groups = trainer.optimizer.param_groups
-        for i, group in enumerate(groups):
-            name = "lr" if len(groups) == 1 else f"lr/{group.get('name', f'group{i}')}"
-            record.scalars[name] = float(group["lr"])
+        if len(groups) == 1:
+            scalars["lr"] = float(groups[0]["lr"])
+        else:
+            for i, group in enumerate(groups):
+                scalars[f"lr/{group.get('name', f'group{i}')}"] = float(group["lr"])
         self._window_start = time.perf_counter()
         self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None
         trainer.publish(record)
-        _raise_if_nonfinite(record, self._tags)
+        if record.nonfinite:
+            _raise_if_nonfinite(record, self._tags)
 
 
 def _switched(key: str, step: int, now: str, before: str) -> None:

@@ -29,7 +29,7 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
                   eval_data: Any, clip_grad_norm: Any, clip_grad_value: Any, keep_last: Any,
                   resume: Any, finite_check: Any, compile: Any,  # noqa: A002
                   batch_size: Any = None, async_checkpoint: Any = False,
-                  checkpoint_format: Any = "auto") -> None:
+                  checkpoint_format: Any = "auto", prefetch: Any = "auto") -> None:
     """Raise `TypeError`/`ValueError` for the first option that cannot work."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -64,6 +64,8 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
     if checkpoint_format not in ("auto", "full", "sharded"):
         raise ValueError("checkpoint_format must be 'auto', 'full' or 'sharded', got "
                          f"{checkpoint_format!r}")
+    if prefetch not in ("auto", True, False) or type(prefetch) not in (str, bool):
+        raise ValueError(f"prefetch must be 'auto', True or False, got {prefetch!r}")
     if finite_check not in ("flush", "step"):
         raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
     if compile and not isinstance(compile, (bool, dict)):

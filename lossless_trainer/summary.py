@@ -20,8 +20,10 @@ Assumptions made here:
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -49,6 +51,9 @@ _PREFIX: ContextVar[str] = ContextVar("lossless_trainer_prefix", default="")
 # Pending tensor scalars of one tag are folded into a running sum once this many are
 # queued, so memory stays bounded whatever `log_every` is.
 _FOLD_AT = 256
+# Pending tensor scalars are stacked into one tensor at the start of a step once this
+# many are waiting.
+_STACK_AT = 32
 _IMAGE_CHANNELS = (1, 3, 4)
 _IMAGE_FORMATS = ("HW", "CHW", "HWC", "NCHW", "NHWC")
 
@@ -177,73 +182,13 @@ class SummaryRecord:
     shared: list[Any] = field(default_factory=list)
     others: list[tuple[str, str, Any, int]] = field(default_factory=list)
 
-
-class _ScalarWindow:
-    """Pending values of one scalar tag since the last flush."""
-
-    __slots__ = ("values", "steps", "offset", "total", "first_bad", "py_sum", "py_count",
-                 "py_first_bad", "weights", "weight_total")
-
-    def __init__(self, weighted: bool = False) -> None:
-        self.values: list[torch.Tensor] = []
-        self.steps: list[int] = []  # step of every tensor value, to name a non-finite one
-        self.offset = 0  # values already folded into `total`
-        self.total: torch.Tensor | None = None
-        self.first_bad: torch.Tensor | None = None  # index into `steps`, inf if none
-        self.py_sum = 0.0
-        self.py_count: float = 0  # numbers added; in a weighted window, their weights
-        self.py_first_bad: int | None = None
-        # A weighted window (of `Mean` values) is the sum of totals over the sum of counts:
-        # the counts that are tensors, and their folded sum.
-        self.weights: list[torch.Tensor] | None = [] if weighted else None
-        self.weight_total: torch.Tensor | None = None
-
-    def reset(self) -> None:
-        """Empty the window for the next one (kept, not rebuilt, at every flush)."""
-        self.values.clear()
-        self.steps.clear()
-        self.offset = 0
-        self.total = self.first_bad = self.weight_total = None
-        self.py_sum = 0.0
-        self.py_count = 0
-        self.py_first_bad = None
-        if self.weights is not None:
-            self.weights.clear()
-
-    def empty(self) -> bool:
-        """Whether nothing was added since the last `reset`."""
-        return not self.steps and not self.py_count and not self.py_sum \
-            and self.py_first_bad is None and not self.weights and self.weight_total is None
-
-    def add_number(self, value: float, step: int, count: float = 1) -> None:
-        """Add a number; `count` is its weight (a `Mean`'s count is added apart: 0)."""
-        self.py_sum += value
-        self.py_count += count
-        if self.py_first_bad is None and not math.isfinite(value):
-            self.py_first_bad = step
-
-    def fold(self) -> None:
-        """Reduce queued tensors to a sum and a first-non-finite index, on their device."""
-        n = len(self.values)
-        chunk = torch.stack(self.values).float()
-        index = torch.arange(self.offset, self.offset + n, device=chunk.device,
-                             dtype=torch.float32)
-        first_bad = torch.where(torch.isfinite(chunk), math.inf, index).min()
-        total = chunk.sum()
-        if self.total is None:
-            self.total, self.first_bad = total, first_bad
-        else:
-            self.total = self.total + total
-            self.first_bad = torch.minimum(self.first_bad, first_bad)
-        self.offset += n
-        self.values.clear()
-
-    def fold_weights(self) -> None:
-        """Reduce queued tensor counts to their sum, on their device."""
-        assert self.weights is not None
-        total = torch.stack(self.weights).sum()
-        self.weight_total = total if self.weight_total is None else self.weight_total + total
-        self.weights.clear()
+    def copy(self) -> SummaryRecord:
+        """A shallow copy with a scalars dict of its own (cheaper than
+        `dataclasses.replace`: a writer thread takes one at every flush)."""
+        copied = object.__new__(SummaryRecord)
+        copied.__dict__.update(self.__dict__)
+        copied.scalars = dict(self.scalars)
+        return copied
 
 
 class SummarySink:
@@ -271,9 +216,38 @@ class SummarySink:
         self.reducer = reducer
         self._stop_requested = stop_requested
         self.stop_agreed_at: int | None = None
-        self._scalars: dict[str, _ScalarWindow] = {}
         self._others: dict[str, tuple[str, str, Any, int]] = {}
         self._modes: dict[str, str] = {}  # tags logged with a reduce= other than "mean"
+        # Scalar tags, in the order first written, each with a slot: an index into the
+        # per-tag lists below. `_plain` holds the tags of plain values (the fast path's
+        # table); a `Mean`'s tag is weighted: its value is its totals over its counts.
+        self._slot: dict[str, int] = {}
+        self._plain: dict[str, int] = {}
+        self._tags: list[str] = []
+        self._weighted: list[bool] = []
+        # Python numbers, per slot: their sum, their count (a Mean's: its counts), the
+        # first step one was not finite; and the slots that received any.
+        self._py_sum: list[float] = []
+        self._py_count: list[float] = []
+        self._py_bad: list[int | None] = []
+        self._py_touched: set[int] = set()
+        self._mean_first: dict[int, int] = {}  # a weighted slot's first step in the window
+        # Tensors, in the order written, with the slot of each: values (plain values and
+        # Mean totals) and weights (Mean counts). Kept on their devices until the flush.
+        self._values: list[torch.Tensor] = []
+        # Earlier values, stacked by `begin_step` once `_STACK_AT` were pending: fewer
+        # tensors to keep alive and to stack at the flush (`_where` covers them first).
+        self._stacked: list[torch.Tensor] = []
+        self._stacked_count = 0
+        self._where: list[int] = []
+        self._weights: list[torch.Tensor] = []
+        self._weight_where: list[int] = []
+        # Where each step's values begin (a position counting folded values too), and
+        # the step: to name the step of a non-finite value.
+        self._mark_at: list[int] = [0]
+        self._mark_step: list[int] = [0]
+        self._fold_at = _FOLD_AT
+        self._folded: _Folded | None = None
 
     @contextmanager
     def activate(self) -> Iterator[SummarySink]:
@@ -287,13 +261,35 @@ class SummarySink:
     @property
     def pending(self) -> bool:
         """Whether anything was written since the last flush."""
-        return bool(self._others) or any(not w.empty() for w in self._scalars.values())
+        return bool(self._others or self._values or self._stacked or self._weights
+                    or self._py_touched or self._folded)
 
     def begin_step(self, step: int, flush: bool) -> None:
         """Tag what follows with `step`; `flush` says whether this step ends the window
         (histograms, images and text are kept only on such steps)."""
         self.step = step
         self._flush_due = flush
+        if len(self._values) >= _STACK_AT:
+            self._stack_pending()
+        position = len(self._values) + self._stacked_count + (
+            self._folded.values if self._folded else 0)
+        if self._mark_at[-1] != position:
+            self._mark_at.append(position)
+            self._mark_step.append(step)
+        else:  # no value since the last step began
+            self._mark_step[-1] = step
+
+    def _stack_pending(self) -> None:
+        """Stack the pending values into one tensor (one op for many values, while they
+        are still in cache); then fold if the window holds too many."""
+        try:
+            self._stacked.append(torch.stack(self._values))
+        except RuntimeError:  # on several devices: left as they are, for the flush
+            return
+        self._stacked_count += len(self._values)
+        self._values = []
+        if self._stacked_count + len(self._weights) >= self._fold_at:
+            self._fold()
 
     def request_flush(self) -> None:
         """Make the current step end its window, whatever `begin_step` decided (an
@@ -312,41 +308,51 @@ class SummarySink:
         will change in place: a parameter, or a tensor already modified in place (an
         updated buffer). Those are cloned so the window keeps the value of this step.
         """
-        window = self._scalars.get(tag)
-        if window is None:
-            window = self._scalars[tag] = _ScalarWindow()
-        elif window.weights is not None:  # a Mean's window: fine if left from before
-            window = self._replace(tag, window, weighted=False)
-        window.values.append(_kept(value))
-        window.steps.append(self.step)
-        if len(window.values) >= _FOLD_AT:
-            window.fold()
+        slot = self._plain.get(tag)
+        if slot is None:
+            slot = self._new_slot(tag, weighted=False)
+        # `_kept`, inlined: this runs for every scalar of every step.
+        if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
+            value = value.detach().clone() if value.is_leaf else value.data
+        else:
+            try:
+                if value._version:
+                    value = value.clone()
+            except RuntimeError:  # an inference tensor: it has no version counter
+                pass
+        self._values.append(value)
+        self._where.append(slot)
+        if len(self._values) >= self._fold_at:
+            self._fold()
 
     def put_mean(self, tag: str, total: torch.Tensor | float, count: Any) -> None:
         """Add a `Mean`: the tag's window value is the sum of its totals over the sum of
         its counts (pooled over ranks the same way under torchrun). Numbers stay on the
         host, tensors on their device; nothing is synced."""
-        window = self._scalars.get(tag)
-        if window is None:
-            window = self._scalars[tag] = _ScalarWindow(weighted=True)
-        elif window.weights is None:
-            window = self._replace(tag, window, weighted=True)
+        slot = self._slot.get(tag)
+        if slot is None or not self._weighted[slot]:
+            slot = self._new_slot(tag, weighted=True)
         if isinstance(total, torch.Tensor):
             if total.numel() != 1:
                 raise ValueError(f"write_summary({tag!r}, Mean(total, count)): total must be "
                                  f"one number, got shape {tuple(total.shape)}")
-            window.values.append(_kept(total.reshape(()) if total.ndim else total))
-            window.steps.append(self.step)
-            if len(window.values) >= _FOLD_AT:
-                window.fold()
+            self._values.append(_kept(total.reshape(()) if total.ndim else total))
+            self._where.append(slot)
         else:
-            window.add_number(float(total), self.step, count=0)  # the count comes below
+            total = float(total)
+            self._py_sum[slot] += total
+            self._py_touched.add(slot)
+            if self._py_bad[slot] is None and not math.isfinite(total):
+                self._py_bad[slot] = self.step
         if isinstance(count, torch.Tensor):
-            window.weights.append(_kept(count.reshape(()) if count.ndim else count))  # type: ignore[union-attr]
-            if len(window.weights) >= _FOLD_AT:  # type: ignore[arg-type]
-                window.fold_weights()
+            self._weights.append(_kept(count.reshape(()) if count.ndim else count))
+            self._weight_where.append(slot)
         else:
-            window.py_count += count
+            self._py_count[slot] += count
+            self._py_touched.add(slot)
+        self._mean_first.setdefault(slot, self.step)
+        if len(self._values) + self._stacked_count + len(self._weights) >= self._fold_at:
+            self._fold()
 
     def put(self, tag: str, value: Any, kind: str | None = None,
             dataformats: str | None = None, reduce: str = "mean") -> None:
@@ -406,13 +412,28 @@ class SummarySink:
         else:
             self._others[tag] = ("histogram", tag, tensor.detach().clone(), self.step)
 
-    def _replace(self, tag: str, window: _ScalarWindow, weighted: bool) -> _ScalarWindow:
-        """A window of the other kind (a `Mean`'s, or plain) for `tag`: allowed only if
-        the one there is empty, kept from an earlier window."""
-        if not window.empty():
-            _mixed(tag)
-        window = self._scalars[tag] = _ScalarWindow(weighted=weighted)
-        return window
+    def _new_slot(self, tag: str, weighted: bool) -> int:
+        """The slot of `tag`, made (or turned to the other kind: a `Mean`'s, or plain,
+        allowed only if nothing of the other kind is pending in this window)."""
+        slot = self._slot.get(tag)
+        if slot is None:
+            slot = self._slot[tag] = len(self._tags)
+            self._tags.append(tag)
+            self._weighted.append(weighted)
+            self._py_sum.append(0.0)
+            self._py_count.append(0)
+            self._py_bad.append(None)
+            self._fold_at = _FOLD_AT * len(self._tags)
+        else:  # the kind changes: only between windows
+            if (slot in self._py_touched or slot in self._where or slot in self._weight_where
+                    or (self._folded is not None and slot in self._folded.slots)):
+                _mixed(tag)
+            self._weighted[slot] = weighted
+        if weighted:
+            self._plain.pop(tag, None)
+        else:
+            self._plain[tag] = slot
+        return slot
 
     def _set_mode(self, tag: str, reduce: str) -> None:
         if reduce not in REDUCTIONS:
@@ -423,12 +444,14 @@ class SummarySink:
                              f"before and reduce={reduce!r} now; one tag needs one reduction")
 
     def _number(self, tag: str, value: float) -> None:
-        window = self._scalars.get(tag)
-        if window is None:
-            window = self._scalars[tag] = _ScalarWindow()
-        elif window.weights is not None:
-            window = self._replace(tag, window, weighted=False)
-        window.add_number(value, self.step)
+        slot = self._plain.get(tag)
+        if slot is None:
+            slot = self._new_slot(tag, weighted=False)
+        self._py_sum[slot] += value
+        self._py_count[slot] += 1
+        self._py_touched.add(slot)
+        if self._py_bad[slot] is None and not math.isfinite(value):
+            self._py_bad[slot] = self.step
 
     def flush(self, step: int | None = None, share: Any = None) -> SummaryRecord:
         """End the window: average every scalar, move the rest to the CPU, and reset.
@@ -469,105 +492,249 @@ class SummarySink:
             elif kind == "histogram":
                 value = value.cpu()
             record.others.append((kind, tag, value, step))
-        # The windows of tags written in this window are kept for the next one; a tag
-        # not written in a whole window loses its window (tags may come and go).
-        for tag, window in list(self._scalars.items()):
-            if window.empty():
-                del self._scalars[tag]
-            else:
-                window.reset()
         self._others = {}
         return record
 
     def _totals(self) -> dict[str, tuple[float, float, int | None]]:
-        """Sum, count and first non-finite step of every pending scalar tag. The count
-        is the number of values, or for a weighted tag (`put_mean`) the sum of counts."""
-        stacks: dict[torch.device, list[torch.Tensor]] = {}
-        # Counts stack by dtype too: int64 token counts stay exact past float32's 2**24.
-        weight_stacks: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        plan: list[tuple[str, _ScalarWindow, list[torch.Tensor] | None, int,
-                         list[torch.Tensor] | None, int]] = []
-        for tag, window in self._scalars.items():
-            if window.empty():  # kept from the last window, not written since
-                continue
-            parts = window.values if window.total is None else [
-                *window.values, window.total, window.first_bad]
-            stack = start = None
-            if parts:
-                stack = stacks.setdefault(parts[0].device, [])
-                start = len(stack)
-                stack.extend(parts)
-            weights = window.weights
-            weight_stack = weight_start = None
-            if weights is not None and window.weight_total is not None:
-                weights = [*weights, window.weight_total]
-            if weights:
-                weight_stack = weight_stacks.setdefault((weights[0].device, weights[0].dtype),
-                                                        [])
-                weight_start = len(weight_stack)
-                weight_stack.extend(weights)
-            plan.append((tag, window, stack, start or 0, weight_stack, weight_start or 0))
-        host = {id(stack): torch.stack(stack).tolist() for stack in stacks.values()}
-        host.update({id(stack): torch.stack(stack).tolist() for stack in weight_stacks.values()})
+        """End the window: the sum, count and first non-finite step of every scalar tag
+        written in it, in the order tags were first written. The count is the number of
+        values, or for a weighted tag (`put_mean`) the sum of its counts.
+
+        Every pending tensor goes to the host in one transfer per device (a few CPU
+        values are read one by one, which is cheaper than stacking them). Each tag's
+        values are added in the order written, after its Python numbers, so a window
+        split by a checkpoint and resumed sums to exactly the same float as an
+        uninterrupted one (as long as it is not folded: see `_fold`).
+        """
+        n = len(self._tags)
+        weighted = self._weighted
+        sums, counts, bad = self._py_sum, self._py_count, self._py_bad
+        present = set(self._py_touched)
+        values, where = self._values, self._where
+        if values or self._stacked:
+            host = self._pending_host()
+            for slot, value in zip(where, host):
+                sums[slot] += value
+            tally = Counter(where)
+            present.update(tally)
+            for slot, number in tally.items():
+                if not weighted[slot]:
+                    counts[slot] += number
+        if self._weights:
+            for slot, weight in zip(self._weight_where, _to_host(self._weights, exact=True)):
+                counts[slot] += weight
+            present.update(self._weight_where)
+        folded = self._folded
+        if folded is not None:
+            present.update(folded.slots)
+            folded.add_to(sums, counts, bad, weighted, (self._mark_at, self._mark_step))
         totals: dict[str, tuple[float, float, int | None]] = {}
-        for tag, window, stack, start, weight_stack, weight_start in plan:
-            # Added one by one, in order, so a window split by a checkpoint and resumed
-            # sums to exactly the same float as an uninterrupted one (as long as no tag
-            # gathers 256 values, where float32 folding changes the rounding).
-            total, count = window.py_sum, window.py_count
-            bad_steps = [] if window.py_first_bad is None else [window.py_first_bad]
-            if stack is not None:
-                numbers_ = host[id(stack)]
-                end = start + len(window.values)
-                values = numbers_[start:end]
-                for value in values:
-                    total += value
-                if not math.isfinite(total):  # a NaN or Inf reaches the sum: find the first
-                    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
-                    if bad is not None:
-                        bad_steps.append(window.steps[window.offset + bad])
-                if window.weights is None:
-                    count += len(window.values)
-                if window.total is not None:
-                    folded_sum, folded_bad = numbers_[end:end + 2]
-                    total += folded_sum
-                    if window.weights is None:
-                        count += window.offset
-                    if folded_bad != math.inf:
-                        bad_steps.append(window.steps[int(folded_bad)])
-            if weight_stack is not None:
-                for weight in host[id(weight_stack)][weight_start:weight_start + len(
-                        window.weights or ()) + (window.weight_total is not None)]:
-                    count += weight
-            if window.weights is not None and not count >= 0 and window.steps:
-                bad_steps.append(window.steps[0])  # a NaN or negative count: flag the window
-            totals[tag] = (total, count, min(bad_steps) if bad_steps else None)
+        steps = (self._mark_at, self._mark_step)
+        for slot in range(n):
+            if slot not in present:
+                continue
+            first_bad = bad[slot]
+            if not math.isfinite(sums[slot]):  # a NaN or Inf reaches the sum: find the first
+                offset = folded.values if folded is not None else 0
+                at = next((i for i, (s, v) in enumerate(zip(where, host))
+                           if s == slot and not math.isfinite(v)), None) if where else None
+                if at is not None:
+                    first_bad = _earliest(first_bad, _step_of(offset + at, *steps))
+            if weighted[slot] and not counts[slot] >= 0 and slot in self._mean_first:
+                first_bad = _earliest(first_bad, self._mean_first[slot])  # a NaN or negative count
+            totals[self._tags[slot]] = (sums[slot], counts[slot], first_bad)
+        self._reset(present)
         return totals
+
+    def _pending_host(self) -> list[Any]:
+        """Every pending value (stacked and not) as Python numbers, in order."""
+        values = self._values
+        if not self._stacked:
+            return _to_host(values)
+        try:
+            return torch.cat([*self._stacked, torch.stack(values)] if values
+                             else self._stacked).tolist()
+        except RuntimeError:  # the last values are on another device
+            host = torch.cat(self._stacked).tolist()
+            return host + _to_host(values)
+
+    def _reset(self, present: set[int]) -> None:
+        """Empty the window. Tags written in it keep their slots for the next; a tag not
+        written in a whole window loses its slot (tags may come and go)."""
+        if len(present) < len(self._tags):
+            kept = [slot for slot in range(len(self._tags)) if slot in present]
+            self._tags = [self._tags[slot] for slot in kept]
+            self._weighted = [self._weighted[slot] for slot in kept]
+            self._slot = {tag: slot for slot, tag in enumerate(self._tags)}
+            self._plain = {tag: slot for slot, tag in enumerate(self._tags)
+                           if not self._weighted[slot]}
+            self._fold_at = _FOLD_AT * max(1, len(self._tags))
+        n = len(self._tags)
+        self._py_sum, self._py_count, self._py_bad = [0.0] * n, [0] * n, [None] * n
+        self._py_touched = set()
+        self._mean_first = {}
+        self._values, self._where, self._weights, self._weight_where = [], [], [], []
+        self._stacked, self._stacked_count = [], 0
+        self._mark_at, self._mark_step = [0], [self.step]
+        self._folded = None
+
+    def _fold(self) -> None:
+        """Reduce the pending tensors to per-tag sums on their devices, so memory stays
+        bounded whatever `log_every` is. Sums are then float64 additions on the device
+        (float32 on MPS), not the host's in-order ones."""
+        if self._folded is None:
+            self._folded = _Folded()
+        values = [value for chunk in self._stacked for value in chunk.unbind()] + self._values
+        self._folded.fold(values, self._where, self._weights, self._weight_where)
+        self._values, self._where, self._weights, self._weight_where = [], [], [], []
+        self._stacked, self._stacked_count = [], 0
 
     def state_dict(self) -> dict[str, Any]:
         """The pending window, reduced to plain numbers, for a checkpoint.
 
         Costs one device synchronisation. Histograms, images and text are not kept: they
         only exist on summary steps, which are flushed before a checkpoint is taken.
+        The window itself stays pending.
         """
-        weighted = [tag for tag, window in self._scalars.items()
-                    if window.weights is not None and not window.empty()]
-        return {"scalars": {tag: {"sum": total, "count": count,
-                                  "first_bad": -1 if first_bad is None else first_bad}
-                            for tag, (total, count, first_bad) in self._totals().items()},
-                "weighted": weighted,
-                "modes": dict(self._modes)}
+        weighted = {tag: self._weighted[slot] for tag, slot in self._slot.items()}
+        modes = dict(self._modes)
+        totals = self._totals()
+        state = {"scalars": {tag: {"sum": total, "count": count,
+                                   "first_bad": -1 if first_bad is None else first_bad}
+                             for tag, (total, count, first_bad) in totals.items()},
+                 "weighted": [tag for tag in totals if weighted[tag]],
+                 "modes": modes}
+        self._restore(state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a pending window saved by `state_dict`."""
-        self._scalars = {}
+        self._slot, self._plain, self._tags, self._weighted = {}, {}, [], []
+        self._reset(set())
+        self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self._modes = dict(state.get("modes", {}))
         weighted = set(state.get("weighted", ()))
         for tag, saved in state["scalars"].items():
-            window = self._scalars[tag] = _ScalarWindow(weighted=tag in weighted)
-            window.py_sum = saved["sum"]
-            window.py_count = saved["count"]
-            window.py_first_bad = None if saved["first_bad"] < 0 else saved["first_bad"]
+            slot = self._new_slot(tag, weighted=tag in weighted)
+            self._py_sum[slot] = saved["sum"]
+            self._py_count[slot] = saved["count"]
+            self._py_bad[slot] = None if saved["first_bad"] < 0 else saved["first_bad"]
+            self._py_touched.add(slot)
+
+
+class _Folded:
+    """Pending tensors reduced on their devices (`SummarySink._fold`): per slot, the sum
+    of its values and of its weights, the position of its first non-finite value, and
+    how many values it had."""
+
+    def __init__(self) -> None:
+        self.sums: dict[torch.device, torch.Tensor] = {}
+        self.first_bad: dict[torch.device, torch.Tensor] = {}
+        self.weights: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.counts: Counter[int] = Counter()
+        self.slots: set[int] = set()
+        self.values = 0  # how many values were folded: positions continue from here
+
+    def fold(self, values: list[torch.Tensor], where: list[int],
+             weights: list[torch.Tensor], weight_where: list[int]) -> None:
+        size = max([*where, *weight_where], default=-1) + 1
+        for device, positions in _by_device(values).items():
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            chunk = torch.stack([values[i] for i in positions]).to(dtype)
+            index = torch.tensor([where[i] for i in positions], device=device)
+            sums = torch.zeros(size, dtype=dtype, device=device).index_add_(0, index, chunk)
+            at = torch.tensor(positions, dtype=dtype, device=device) + self.values
+            bad = torch.where(torch.isfinite(chunk), math.inf, at)
+            first = torch.full((size,), math.inf, dtype=dtype, device=device).scatter_reduce_(
+                0, index, bad, "amin")
+            self.sums[device] = _padded(self.sums.get(device), sums, torch.add)
+            self.first_bad[device] = _padded(self.first_bad.get(device), first, torch.minimum)
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, weight in enumerate(weights):
+            groups.setdefault((weight.device, weight.dtype), []).append(i)
+        for (device, dtype), positions in groups.items():
+            index = torch.tensor([weight_where[i] for i in positions], device=device)
+            total = torch.zeros(size, dtype=dtype, device=device).index_add_(
+                0, index, torch.stack([weights[i] for i in positions]))
+            key = (device, dtype)
+            self.weights[key] = _padded(self.weights.get(key), total, torch.add)
+        self.counts.update(where)
+        self.slots.update(where, weight_where)
+        self.values += len(values)
+
+    def add_to(self, sums: list[float], counts: list[float], bad: list[int | None],
+               weighted: list[bool], steps: tuple[list[int], list[int]]) -> None:
+        """Add the folded sums, counts and first non-finite steps to the host's lists."""
+        for total in self.sums.values():
+            for slot, value in enumerate(total.tolist()):
+                sums[slot] += value
+        for total in self.weights.values():
+            for slot, value in enumerate(total.tolist()):
+                counts[slot] += value
+        for slot, number in self.counts.items():
+            if not weighted[slot]:
+                counts[slot] += number
+        for first in self.first_bad.values():
+            for slot, position in enumerate(first.tolist()):
+                if position != math.inf:
+                    bad[slot] = _earliest(bad[slot], _step_of(int(position), *steps))
+
+
+def _padded(old: torch.Tensor | None, new: torch.Tensor, combine: Callable[..., torch.Tensor]
+            ) -> torch.Tensor:
+    """`combine(old, new)` of two per-slot tensors, the shorter padded with `new`'s
+    neutral values (its slots past the other's length)."""
+    if old is None:
+        return new
+    if len(old) < len(new):
+        old = torch.cat([old, new[len(old):] if combine is torch.minimum
+                         else torch.zeros_like(new[len(old):])])
+    elif len(new) < len(old):
+        new = torch.cat([new, old[len(new):] if combine is torch.minimum
+                         else torch.zeros_like(old[len(new):])])
+    return combine(old, new)
+
+
+def _by_device(values: list[torch.Tensor]) -> dict[torch.device, list[int]]:
+    """The positions of `values`, grouped by device."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, value in enumerate(values):
+        groups.setdefault(value.device, []).append(i)
+    return groups
+
+
+def _to_host(values: list[torch.Tensor], exact: bool = False) -> list[Any]:
+    """Python numbers of one-element tensors, in order, with one transfer per device.
+
+    A few CPU tensors are read one by one (cheaper than a stack). With `exact`, tensors
+    of different dtypes are not stacked together, so integer counts stay integers."""
+    if len(values) <= 8 and all(value.is_cpu for value in values):
+        return [value.tolist() for value in values]  # a 0-d tensor's tolist: its number
+    if not exact or len({value.dtype for value in values}) == 1:
+        try:
+            return torch.stack(values).tolist()
+        except RuntimeError:  # on several devices
+            pass
+    host: list[Any] = [None] * len(values)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, value in enumerate(values):
+        groups.setdefault((value.device, value.dtype if exact else torch.float32),
+                          []).append(i)
+    for positions in groups.values():
+        for i, number in zip(positions, torch.stack([values[i] for i in positions]).tolist()):
+            host[i] = number
+    return host
+
+
+def _step_of(position: int, mark_at: list[int], mark_step: list[int]) -> int:
+    """The step of the value at `position` (counting folded values)."""
+    return mark_step[bisect.bisect_right(mark_at, position) - 1]
+
+
+def _earliest(a: int | None, b: int) -> int:
+    return b if a is None else min(a, b)
 
 
 # Combines a window's scalar totals across processes: ({tag: (sum, count, first_bad)},

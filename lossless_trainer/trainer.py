@@ -47,6 +47,7 @@ from .options import (
     step_limit,
 )
 from .precision import Precision
+from .prefetch import DevicePrefetch
 from .relayout import batch_change
 from .resume import (
     DataCursor,
@@ -163,6 +164,12 @@ class Trainer:
             (the leading dimension of the first tensor; the number of images of
             torchvision's ``(images, targets)``); a batch it cannot read logs no
             ``samples_per_sec`` rather than a wrong one.
+        prefetch: On CUDA, copy each batch to the device on a side stream as it is
+            taken (pinned first unless the loader pins it), so the copy overlaps the
+            previous step and the step waits on the device, not the host; batches are
+            taken when they would be anyway, so resume stays exact. ``"auto"``
+            (default): on CUDA devices; False: copy on the step's stream. Nothing
+            changes on CPU. See docs/performance.md.
 
     Under ``torchrun --nproc_per_node=N`` the same call trains data-parallel: each rank
     uses its own device, a map-style DataLoader is re-created with a
@@ -205,6 +212,7 @@ class Trainer:
         find_unused_parameters: bool = False,
         fsdp_units: Sequence[type[nn.Module]] | Callable[[nn.Module], bool] | None = None,
         batch_size: Callable[[Any], int | None] | None = None,
+        prefetch: bool | Literal["auto"] = "auto",
     ) -> None:
         check_options(model, data, max_steps=max_steps, max_epochs=max_epochs,
                       log_every=log_every, checkpoint_every=checkpoint_every,
@@ -213,7 +221,7 @@ class Trainer:
                       clip_grad_value=clip_grad_value, keep_last=keep_last, resume=resume,
                       finite_check=finite_check, compile=compile, batch_size=batch_size,
                       async_checkpoint=async_checkpoint,
-                      checkpoint_format=checkpoint_format)
+                      checkpoint_format=checkpoint_format, prefetch=prefetch)
         self.extra_writers = check_writers(writers)
         self.dist = Distributed.setup(device, strategy)
         check_strategy(self.dist.strategy, optimizer, precision)
@@ -257,6 +265,8 @@ class Trainer:
             def check_first(batch: Any) -> None:
                 self.dist.check_first_batch(batch, self.state.step + 1)
         self.cursor = DataCursor(data, check_first, self.dist.rank, self.dist.world_size)
+        # On CUDA, each batch is copied to the device on a side stream as it is taken.
+        self._prefetch = DevicePrefetch(self.device, prefetch)
         self.state = TrainState()
         self.seed = seed
         self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
@@ -287,7 +297,8 @@ class Trainer:
         self._after_backward = self.hooks.bound("after_backward")
 
         # What hooks read (`TrainerView`). This step's values: `batch` as the data
-        # yielded it, its losses, and every micro-batch of the step with theirs.
+        # yielded it (already on the device when prefetched), its losses, and every
+        # micro-batch of the step with theirs.
         self.batch: Any = None
         self.micro_batches: Sequence[Any] = ()
         self.losses: dict[str, torch.Tensor | Mean] = {}
@@ -388,6 +399,7 @@ class Trainer:
         """`fit`, with the run directory held."""
         self._prepare_fit()
         hooks, state, sink, cursor = self.hooks, self.state, self.sink, self.cursor
+        prefetch = self._prefetch
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
         # The last step is a summary step too, so media written there are kept.
         last_step = self.total_steps or self._step_limit
@@ -399,8 +411,11 @@ class Trainer:
                 while not self._stopping(between_epochs=True):
                     if not cursor.open and state.batch_in_epoch == 0:
                         hooks.call("before_epoch", self)
-                    batches = cursor.batches(state.epoch, state.batch_in_epoch)
+                    batches = prefetch.batches(cursor.batches(state.epoch,
+                                                              state.batch_in_epoch))
                     for group in micro_batch_groups(batches, self.grad_accum_steps):
+                        if prefetch.active:  # the step's stream waits for the copies
+                            prefetch.ready(group)
                         step = state.step + 1
                         sink.begin_step(step, step % self.log_every == 0 or step == last_step)
                         self.batch, self.micro_batches = group[-1], group

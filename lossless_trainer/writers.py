@@ -9,8 +9,8 @@ close.
 
 from __future__ import annotations
 
+import array
 import contextlib
-import dataclasses
 import functools
 import itertools
 import json
@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
+
+import torch
 
 from .checkpoint import os_error, storage_error
 from .errors import StorageError
@@ -177,6 +179,7 @@ class TensorBoardWriter:
                 f"{os.getpid()}.{next(_EVENT_FILES)}")
         self._file = open(os.path.join(self.path, name), "wb")  # noqa: SIM115 - close()
         self._crc = masked_crc32c()
+        self._heads: dict[str, bytes] = {}  # each scalar tag's encoded bytes
         self._add(self._event(wall_time=time.time(), file_version="brain.Event:2",
                               source_metadata=event_pb2.SourceMetadata(
                                   writer="lossless_trainer")))
@@ -187,7 +190,10 @@ class TensorBoardWriter:
         self._file.flush()
 
     def _add(self, event: Any) -> None:
-        data = event.SerializeToString()
+        self._frame(event.SerializeToString())
+
+    def _frame(self, data: bytes) -> None:
+        """Write one serialised `Event` in TFRecord framing."""
         header = struct.pack("<Q", len(data))
         crc = self._crc
         self._file.write(b"".join((header, struct.pack("<I", crc(header)), data,
@@ -198,20 +204,18 @@ class TensorBoardWriter:
 
     def write(self, record: SummaryRecord) -> None:
         if record.scalars:
-            values = [self._summary.Value(tag=tag, simple_value=value)
-                      for tag, value in record.scalars.items()]
-            self._add_summary(self._summary(value=values), record.step)
+            self._frame(self._scalar_event(record.scalars, record.step))
         if not record.others:
             return
         from torch.utils.tensorboard import summary as encode
 
         for kind, tag, value, step in record.others:
             if kind == "histogram":
-                values = value.float().flatten()
+                values = value.flatten().double()
                 finite = values[values.isfinite()]
-                if finite.numel():  # TensorBoard rejects NaN and Inf in a histogram
-                    self._add_summary(encode.histogram(tag, finite, _tensorflow_bins()),
-                                      step)
+                histogram = _histogram(tag, finite) if finite.numel() else None
+                if histogram is not None:  # TensorBoard rejects NaN and Inf in a histogram
+                    self._frame(_event(step, histogram))
                 if finite.numel() != values.numel():
                     nonfinite = values.numel() - finite.numel()
                     self._add_summary(encode.text(
@@ -222,6 +226,21 @@ class TensorBoardWriter:
                 self._add_summary(encode.image(tag, tensor, dataformats=formats), step)
             elif kind == "text":
                 self._add_summary(encode.text(tag, value), step)
+
+    def _scalar_event(self, scalars: dict[str, float], step: int) -> bytes:
+        """The serialised `Event` of a flush's scalars, encoded here: the bytes protobuf
+        writes for ``Event(wall_time, step, summary=Summary(value=[Value(tag,
+        simple_value)...]))``, with each tag's bytes made once."""
+        heads = self._heads
+        try:
+            summary = b"".join([heads[tag] + _FLOAT(value) for tag, value in scalars.items()])
+        except (KeyError, OverflowError, struct.error):  # a new tag; a value past float32
+            for tag in scalars:
+                if tag not in heads:
+                    heads[tag] = _value_head(tag)
+            summary = b"".join([heads[tag] + array.array("f", [value]).tobytes()
+                                for tag, value in scalars.items()])
+        return _event(step, summary)
 
     def flush(self) -> None:
         self._file.flush()
@@ -234,14 +253,79 @@ _EVENT_FILES = itertools.count()  # numbers the event files of this process
 
 
 @functools.cache
-def _tensorflow_bins() -> list[float]:
+def _tensorflow_bins() -> torch.Tensor:
     """The bucket edges ``SummaryWriter.add_histogram`` uses by default (TensorFlow's):
     from 1e-12 to 1e20 by factors of 1.1, mirrored, and 0."""
     edges, edge = [], 1e-12
     while edge < 1e20:
         edges.append(edge)
         edge *= 1.1
-    return [-e for e in reversed(edges)] + [0] + edges
+    return torch.tensor([-e for e in reversed(edges)] + [0] + edges, dtype=torch.float64)
+
+
+def _histogram(tag: str, values: torch.Tensor) -> bytes | None:
+    """The serialised ``Summary`` that ``SummaryWriter.add_histogram`` writes for finite
+    float64 `values` with the default buckets, or None if none falls inside them.
+
+    Encoded here, the buckets straight from the tensors' bytes: counting takes
+    `torch.histogram`, which releases the GIL, and the rest a few calls whatever the
+    number of buckets (torch's writer, through NumPy and protobuf's Python lists, holds
+    the GIL against the training thread for about a millisecond per histogram).
+    """
+    edges = _tensorflow_bins()
+    counts = torch.histogram(values, bins=edges).hist
+    nonzero = counts.nonzero()
+    if not nonzero.numel():
+        return None
+    start, end = int(nonzero[0]), int(nonzero[-1]) + 1
+    # TensorBoard reads right bucket limits only: an empty bucket first keeps the left.
+    buckets = counts[start - 1:end] if start else torch.cat([counts.new_zeros(1), counts[:end]])
+    limits = edges[start:end + 1]
+    array_ = values.numpy()  # NumPy's sums, as torch's writer computes them
+    fields = [b""] * 7
+    # HistogramProto: min = 1, max = 2, num = 3, sum = 4, sum_squares = 5 (doubles, left
+    # out when +0.0 as proto3 does), bucket_limit = 6, bucket = 7 (packed doubles).
+    for number, value in enumerate((array_.min(), array_.max(), float(len(array_)),
+                                    array_.sum(), array_.dot(array_)), 1):
+        packed = struct.pack("<d", value)
+        if packed != b"\0" * 8:
+            fields[number - 1] = bytes((number << 3 | 1,)) + packed
+    for number, tensor in ((6, limits), (7, buckets)):
+        data = tensor.numpy().astype("<f8", copy=False).tobytes()
+        fields[number - 1] = bytes((number << 3 | 2,)) + _varint(len(data)) + data
+    histo = b"".join(fields)
+    name = tag.encode()
+    value = (b"\x0a" + _varint(len(name)) + name  # Summary.Value: tag = 1, histo = 5
+             + b"\x2a" + _varint(len(histo)) + histo)
+    return b"\x0a" + _varint(len(value)) + value  # Summary.value = 1
+
+
+def _event(step: int, summary: bytes) -> bytes:
+    """The serialised ``Event(wall_time=now, step=step, summary=<summary's bytes>)``."""
+    return b"".join((b"\x09", struct.pack("<d", time.time()),
+                     b"\x10" + _varint(step) if step else b"",
+                     b"\x2a", _varint(len(summary)), summary))
+
+
+_FLOAT = struct.Struct("<f").pack
+
+
+def _varint(n: int) -> bytes:
+    """`n` (non-negative) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _value_head(tag: str) -> bytes:
+    """A `Summary.Value` with this tag and a float ``simple_value``, as the field
+    header of `Summary.value`, up to the value's four bytes."""
+    name = tag.encode()
+    body = b"\x0a" + _varint(len(name)) + name + b"\x15"  # tag = 1; simple_value = 2
+    return b"\x0a" + _varint(len(body) + 4) + body
 
 
 def masked_crc32c() -> Callable[[bytes], int]:
@@ -282,20 +366,36 @@ class JSONLinesWriter:
         if keep_until is not None and os.path.exists(self.path):
             _truncate_jsonl(self.path, keep_until)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._keys: dict[str, str] = {}  # each tag as the JSON that precedes its value
 
     def write(self, record: SummaryRecord) -> None:
         if not record.scalars:
             return
-        line: dict[str, Any] = {"step": record.step, "time": round(time.time(), 3)}
-        for tag, value in record.scalars.items():
-            line[tag] = value if math.isfinite(value) else str(value)
-        self._file.write(json.dumps(line) + "\n")
+        # Built here rather than by json.dumps of a dict: each tag's JSON is made once,
+        # and a finite float is written as json.dumps writes it (its repr).
+        keys = self._keys
+        try:
+            body = "".join([keys[tag] + repr(value) if type(value) is float
+                            and value - value == 0.0 else keys[tag] + _json_number(value)
+                            for tag, value in record.scalars.items()])
+        except KeyError:  # a new tag
+            for tag in record.scalars:
+                if tag not in keys:
+                    keys[tag] = f", {json.dumps(tag)}: "
+            return self.write(record)
+        self._file.write(f'{{"step": {int(record.step)}, "time": {round(time.time(), 3)!r}'
+                         f"{body}}}\n")
 
     def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+def _json_number(value: Any) -> str:
+    """A scalar as JSON; NaN and the infinities as the strings ``"nan"``, ``"inf"``."""
+    return json.dumps(value if math.isfinite(value) else str(value))
 
 
 def _truncate_jsonl(path: str, keep_until: int) -> None:
@@ -401,7 +501,7 @@ class BackgroundWriter:
     def write(self, record: SummaryRecord) -> None:
         self._raise_pending()
         # The writer thread reads the record later; hooks may still hold and change it.
-        self._buffer.append(dataclasses.replace(record, scalars=dict(record.scalars)))
+        self._buffer.append(record.copy())
         if time.monotonic() - self._handed_at >= self.interval:
             self._hand_over()
 

@@ -68,3 +68,19 @@ def test_the_hugging_face_cases_match_the_loop_on_the_bare_model(overhead, tmp_p
     result = overhead.bench_case(case, torch.device("cpu"), quick=True, rounds=1, chunk=8,
                                  seed=0, log_root=str(tmp_path))
     assert result.weights_match and result.rounds[0].trainer > 0 < result.rounds[0].raw
+
+
+def test_the_idiomatic_mode_times_a_third_loop_on_host_batches(overhead, tmp_path, capsys):
+    """--idiomatic (the default on CUDA): batches stay on the host, every side moves them,
+    and the loop with an .item() per step is timed and ends with the same weights."""
+    case = next(c for c in overhead.CASES if c.name == "tiny")
+    result = overhead.bench_case(case, torch.device("cpu"), quick=True, rounds=1, chunk=50,
+                                 seed=0, log_root=str(tmp_path), idiomatic=True)
+    assert result.weights_match and result.rounds[0].others["idiomatic"] > 0
+    assert result.ratio_to("idiomatic") > 0
+    overhead.print_table([result])
+    out = capsys.readouterr().out
+    assert "T/idiom" in out and "WARNING" not in out
+    moved = overhead.OnDevice(overhead.make_batches(case, 4, torch.device("cpu"), 0),
+                              torch.device("cpu"))
+    assert len(moved[1:3]) == 2 and torch.equal(moved[0][0], moved[0][0])

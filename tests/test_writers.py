@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from conftest import TinyClassifier, make_batches, read_metrics, train
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from torch import nn
 
 from lossless_trainer import (
@@ -672,10 +672,22 @@ def test_save_checkpoint_puts_what_was_flushed_on_disk_first(quiet):
     assert seen == [[2, 4]]
 
 
+# Scalars protobuf writes in every form: zero, negative zero, NaN, infinities, a value
+# past float32's range, a denormal, and tags of 127+ bytes (a two-byte length) and UTF-8.
+_AWKWARD = {"loss/total": 0.25, "lr": 1e-3, "zero": 0.0, "minus_zero": -0.0,
+            "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 1e40,
+            "tiny": 1e-42, "x" * 130: 1.5, "größe/µ": -2.0, "int": 3}
+
+
 def _record_with_everything() -> SummaryRecord:
     generator = torch.Generator().manual_seed(0)
-    return SummaryRecord(step=7, scalars={"loss/total": 0.25, "lr": 1e-3}, others=[
+    # A histogram on bucket edges (0, ±1e-12, a value 1.1 ** k), in float64.
+    edges = torch.tensor([0.0, 0.0, 1e-12, -1e-12, 1e-12 * 1.1 ** 40, 7.0, -3.5],
+                         dtype=torch.float64)
+    return SummaryRecord(step=7, scalars=dict(_AWKWARD), others=[
         ("histogram", "weights", torch.randn(50, generator=generator), 7),
+        ("histogram", "edges", edges, 7),
+        ("histogram", "ints", torch.arange(-5, 20), 7),
         ("image", "grid", (torch.rand(3, 8, 8, generator=generator), "CHW"), 7),
         ("image", "batch", (torch.rand(2, 1, 4, 4, generator=generator), "NCHW"), 7),
         ("text", "note", "hello", 7)])
@@ -705,17 +717,35 @@ def test_event_files_hold_what_torch_summarywriter_writes(tmp_path, monkeypatch,
     assert (ours._crc.__module__ == "lossless_trainer.writers") == (crc == "c")
     record = _record_with_everything()
     ours.write(record)
+    ours.write(SummaryRecord(step=0, scalars={"lr": 0.5}))  # step 0 is left out of the bytes
     ours.close()
     theirs = SummaryWriter(str(tmp_path / "theirs"), purge_step=5)
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
-                                         for t, v in record.scalars.items()])
-    theirs.file_writer.add_summary(summary, 7)
-    theirs.add_histogram("weights", record.others[0][2], 7)
-    theirs.add_image("grid", record.others[1][2][0], 7, dataformats="CHW")
-    theirs.add_images("batch", record.others[2][2][0], 7, dataformats="NCHW")
+
+    def scalars(values, step):
+        theirs.file_writer.add_summary(summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in values.items()]), step)
+
+    scalars(record.scalars, 7)
+    for _, tag, values, _ in record.others[:3]:
+        theirs.add_histogram(tag, values, 7)
+    theirs.add_image("grid", record.others[3][2][0], 7, dataformats="CHW")
+    theirs.add_images("batch", record.others[4][2][0], 7, dataformats="NCHW")
     theirs.add_text("note", "hello", 7)
+    scalars({"lr": 0.5}, 0)
     theirs.close()
     assert _decoded(tmp_path / "ours") == _decoded(tmp_path / "theirs")
+    # Within an event, the scalars are the very bytes protobuf writes.
+    wall_time = 1234.5
+    monkeypatch.setattr(writers_module.time, "time", lambda: wall_time)
+    for step in (0, 7, 2 ** 40):
+        expected = event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in _AWKWARD.items()]))
+        assert ours._scalar_event(_AWKWARD, step) == expected.SerializeToString()
+    from torch.utils.tensorboard import summary as encode
+
+    for _, tag, values, _ in record.others[:3]:  # and so are the histograms
+        assert writers_module._histogram(tag, values.double()) == encode.histogram(
+            tag, values, writers_module._tensorflow_bins().tolist()).SerializeToString()
     # The purge step reaches TensorBoard as torch's writer says it.
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
