@@ -435,17 +435,22 @@ class Interleaved:
         device: Synchronised before each clock reading.
         phase: The second chunk's start (default ``chunk // 2``; a multiple of the
             accumulation); 0 starts chunks at the multiples of `chunk`.
+        others: More hand-written loops, timed after `raw` on each chunk: (name, loop,
+            its twin, its copies of the batches).
+        host_batches: The batches are on the host: the raw loops move each one to
+            `device` as they read it, as a hand-written loop does (`OnDevice`).
     """
 
     def __init__(self, batches: list[Batch], raw_batches: list[Batch], raw: RawLoop,
                  twin: tuple[nn.Module, torch.optim.Optimizer], chunk: int, warmup: int,
                  device: torch.device, phase: int | None = None,
                  others: Sequence[tuple[str, RawLoop, tuple[nn.Module, torch.optim.Optimizer],
-                                        list[Batch]]] = ()) -> None:
+                                        list[Batch]]] = (), host_batches: bool = False) -> None:
         self.batches, self.raw_batches, self.raw, self.twin = batches, raw_batches, raw, twin
         self.chunk, self.warmup, self.device = chunk, warmup, device
         self.phase = chunk // 2 if phase is None else phase
         self.others = others
+        self.host_batches = host_batches
         # By chunk start: (seconds, minor faults) of each side.
         self.trainer: dict[int, tuple[float, int]] = {}
         self.raw_times: dict[int, tuple[float, int]] = {}
@@ -467,14 +472,14 @@ class Interleaved:
             if resumed is not None and previous >= self.warmup:
                 self.trainer[previous] = (now - resumed[0], faults - resumed[1])
             with summaries_off():  # as outside fit: write_summary does nothing
-                self.raw(*self.twin, OnDevice(self.raw_batches[start:stop], self.device))
+                self.raw(*self.twin, self.moved(self.raw_batches[start:stop]))
             synchronize(self.device)
             end, end_faults = clock(), minor_faults()
             if start >= self.warmup:
                 self.raw_times[start] = (end - now, end_faults - faults)
             for name, loop, twin, batches in self.others:
                 with summaries_off():
-                    loop(*twin, OnDevice(batches[start:stop], self.device))
+                    loop(*twin, self.moved(batches[start:stop]))
                 synchronize(self.device)
                 if start >= self.warmup:
                     self.other_times[name][start] = clock() - end
@@ -483,6 +488,11 @@ class Interleaved:
             # The Trainer's batches come through this generator: one resume per batch
             # more than the raw loop's list iteration, counted against the Trainer.
             yield from self.batches[start:stop]
+
+    def moved(self, batches: list[Batch]) -> Sequence[Batch]:
+        """A raw chunk's batches: as they are, or moved as they are read when on the
+        host (`host_batches`)."""
+        return OnDevice(batches, self.device) if self.host_batches else batches
 
     def other_totals(self) -> dict[str, float]:
         """Each other loop's seconds over the chunks the Trainer was timed on."""
@@ -508,8 +518,10 @@ class OnDevice(Sequence):
     def __getitem__(self, index: Any) -> Any:
         if isinstance(index, slice):
             return OnDevice(self.batches[index], self.device)
-        return pytree.tree_map_only(torch.Tensor, lambda t: t.to(self.device),
-                                    self.batches[index])
+        batch, device = self.batches[index], self.device
+        if isinstance(batch, dict):  # as a hand-written loop moves them
+            return {key: value.to(device) for key, value in batch.items()}
+        return type(batch)(part.to(device) for part in batch)
 
 
 @dataclass
@@ -622,7 +634,7 @@ def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torc
                        copies(batches)))
     data = Interleaved(batches, copies(batches), case.raw, twin, chunk, warmup=chunk,
                        device=device, phase=chunk // 2 // case.accumulation * case.accumulation,
-                       others=others)
+                       others=others, host_batches=idiomatic)
     trainer = make_trainer(case, data, device, seed, log_dir)
     gc.collect()
     trainer.fit()
@@ -644,7 +656,8 @@ def interleaved_round(case: Case, batches: list[Batch], chunk: int, device: torc
 
 
 def fixed_cost(case: Case, batches: list[Batch], device: torch.device, seed: int,
-               log_root: str, per_batch_overhead: float, rounds: int = 5) -> float:
+               log_root: str, per_batch_overhead: float, rounds: int = 5,
+               idiomatic: bool = False) -> float:
     """Seconds one `fit()` call costs beyond its steps: whole `fit` calls of two steps,
     each followed by the raw loop on the same batches, minus the steps' own overhead."""
     short = batches[:2 * case.accumulation]
@@ -658,7 +671,7 @@ def fixed_cost(case: Case, batches: list[Batch], device: torch.device, seed: int
         trainer.fit()
         synchronize(device)
         middle = time.perf_counter()
-        case.raw(model, optimizer, OnDevice(short, device))
+        case.raw(model, optimizer, OnDevice(short, device) if idiomatic else short)
         synchronize(device)
         differences.append((middle - start) - (time.perf_counter() - middle))
     return statistics.median(differences) - per_batch_overhead * len(short)
@@ -686,7 +699,8 @@ def bench_case(case: Case, device: torch.device, quick: bool, rounds: int | None
     done = [interleaved_round(case, batches, chunk, device, seed, next(run_dirs), idiomatic)
             for _ in range(rounds)]
     result = Result(case, steps, done)
-    result.fixed_seconds = fixed_cost(case, batches, device, seed, log_root, result.overhead)
+    result.fixed_seconds = fixed_cost(case, batches, device, seed, log_root, result.overhead,
+                                      idiomatic=idiomatic)
     return result
 
 

@@ -465,6 +465,10 @@ class SummarySink:
                 the others (in the same gather) and comes back as `SummaryRecord.shared`.
         """
         record = SummaryRecord(step=self.step if step is None else step)
+        if (self.reducer is None and self._folded is None and not self._weights
+                and len(self._plain) == len(self._tags)):
+            self._flush_plain(record)  # the common case: plain scalars on one process
+            return record
         totals = self._totals()
         if self.reducer is None:
             record.shared = [share]
@@ -486,6 +490,11 @@ class SummarySink:
             for tag, (first_bad, rank) in nonfinite.items():
                 record.nonfinite[tag] = first_bad
                 record.nonfinite_ranks[tag] = rank
+        self._move_others(record)
+        return record
+
+    def _move_others(self, record: SummaryRecord) -> None:
+        """Hand the window's histograms, images and text to `record`, on the CPU."""
         for kind, tag, value, step in self._others.values():
             if kind == "image":
                 value = (value[0].cpu(), value[1])
@@ -493,7 +502,42 @@ class SummarySink:
                 value = value.cpu()
             record.others.append((kind, tag, value, step))
         self._others = {}
-        return record
+
+    def _flush_plain(self, record: SummaryRecord) -> None:
+        """`flush` of a window of plain scalars only, not folded, on one process: what
+        `_totals` and the division do, in one pass over the slots."""
+        sums, counts, bad = self._py_sum, self._py_count, self._py_bad
+        where = self._where
+        host: list[Any] = []
+        if where:
+            host = self._pending_host()
+            for slot, value in zip(where, host):
+                sums[slot] += value
+                counts[slot] += 1
+        scalars, record_counts, tags = record.scalars, record.counts, self._tags
+        absent = False
+        for slot, count in enumerate(counts):
+            if not count:
+                absent = True
+                continue
+            tag, total = tags[slot], sums[slot]
+            if total - total != 0.0 or bad[slot] is not None:  # NaN or Inf: find the first
+                first_bad = bad[slot]
+                if total - total != 0.0:
+                    at = next((i for i, (s, v) in enumerate(zip(where, host))
+                               if s == slot and not math.isfinite(v)), None)
+                    if at is not None:
+                        first_bad = _earliest(first_bad, _step_of(
+                            at, self._mark_at, self._mark_step))
+                if first_bad is not None:
+                    record.nonfinite[tag] = first_bad
+            scalars[tag] = total / count
+            record_counts[tag] = count
+        if absent:  # a tag not written in the window loses its slot
+            self._reset({slot for slot, count in enumerate(counts) if count})
+        else:
+            self._reset_kept()
+        self._move_others(record)
 
     def _totals(self) -> dict[str, tuple[float, float, int | None]]:
         """End the window: the sum, count and first non-finite step of every scalar tag
@@ -562,17 +606,27 @@ class SummarySink:
         """Empty the window. Tags written in it keep their slots for the next; a tag not
         written in a whole window loses its slot (tags may come and go)."""
         if len(present) < len(self._tags):
-            kept = [slot for slot in range(len(self._tags)) if slot in present]
-            self._tags = [self._tags[slot] for slot in kept]
-            self._weighted = [self._weighted[slot] for slot in kept]
-            self._slot = {tag: slot for slot, tag in enumerate(self._tags)}
-            self._plain = {tag: slot for slot, tag in enumerate(self._tags)
-                           if not self._weighted[slot]}
-            self._fold_at = _FOLD_AT * max(1, len(self._tags))
+            self._compact(present)
+        self._reset_kept()
+
+    def _compact(self, present: set[int]) -> None:
+        """Keep the slots of `present` only, in their order."""
+        kept = [slot for slot in range(len(self._tags)) if slot in present]
+        self._tags = [self._tags[slot] for slot in kept]
+        self._weighted = [self._weighted[slot] for slot in kept]
+        self._slot = {tag: slot for slot, tag in enumerate(self._tags)}
+        self._plain = {tag: slot for slot, tag in enumerate(self._tags)
+                       if not self._weighted[slot]}
+        self._fold_at = _FOLD_AT * max(1, len(self._tags))
+
+    def _reset_kept(self) -> None:
+        """Empty the window, every slot kept."""
         n = len(self._tags)
         self._py_sum, self._py_count, self._py_bad = [0.0] * n, [0] * n, [None] * n
-        self._py_touched = set()
-        self._mean_first = {}
+        if self._py_touched:
+            self._py_touched = set()
+        if self._mean_first:
+            self._mean_first = {}
         self._values, self._where, self._weights, self._weight_where = [], [], [], []
         self._stacked, self._stacked_count = [], 0
         self._mark_at, self._mark_step = [0], [self.step]

@@ -86,6 +86,40 @@ def test_many_values_fold_into_bounded_memory_and_keep_first_nonfinite_step():
     assert record.scalars["ok"] == pytest.approx((n + 1) / 2)
 
 
+def test_stacked_values_keep_order_sums_slots_and_the_first_nonfinite_step():
+    """Many scalars per step are stacked into one tensor at the next step's start; the
+    sums, counts and first non-finite step are those of the values one by one, and a
+    tag missing from a whole window loses its slot, the others keep their order."""
+    sink = SummarySink()
+    expected: dict[str, list[float]] = {}
+    with sink.activate():
+        for step in range(1, 7):
+            sink.begin_step(step, flush=False)
+            for i in range(40):  # past the stacking bound in every step
+                value = 0.1 * i + step / 7
+                if (i, step) == (13, 4):
+                    value = float("inf")
+                write_summary(f"t{i}", torch.tensor(value, dtype=torch.float64))
+                expected.setdefault(f"t{i}", []).append(value)
+            write_summary("number", step)
+        assert len(sink._stacked) == 5 and len(sink._values) == 40  # the last step pending
+        record = sink.flush()
+    for tag, values in expected.items():
+        total = 0.0
+        for value in values:
+            total += value
+        assert record.scalars[tag] == total / 6 or tag == "t13", tag
+        assert record.counts[tag] == 6
+    assert record.nonfinite == {"t13": 4}
+    assert list(record.scalars)[:3] == ["t0", "t1", "t2"]
+    with sink.activate():
+        sink.begin_step(7, flush=True)
+        write_summary("t5", torch.tensor(1.0))
+        write_summary("fresh", 2.0)
+    assert sink.flush().scalars == {"t5": 1.0, "fresh": 2.0}
+    assert sink._tags == ["t5", "fresh"] and sink._slot == {"t5": 0, "fresh": 1}
+
+
 def test_python_number_nonfinite_is_reported():
     sink = SummarySink()
     with sink.activate():
