@@ -261,23 +261,22 @@ class LoggingHook(Hook):
     def flush(self, trainer: TrainerView) -> None:
         sink = trainer.sink
         elapsed = time.perf_counter() - self._window_start
-        throughput = elapsed > 0 and self._window_steps
+        rates = []  # (tag, value, how ranks combine it): the whole job's throughput
+        if elapsed > 0 and self._window_steps:
+            rates.append(("perf/steps_per_sec", self._window_steps / elapsed, "max"))
+            if self._samples:  # each rank's added
+                rates.append(("perf/samples_per_sec", self._samples / elapsed, "sum"))
         # The last completed step: after a failed step, its partial window is still
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
         if not trainer.dist.enabled:
             record = sink.flush(trainer.state.step)
-            if throughput:  # one process: its own numbers, not through the sink
-                record.scalars["perf/steps_per_sec"] = self._window_steps / elapsed
-                record.counts["perf/steps_per_sec"] = 1
-                if self._samples:
-                    record.scalars["perf/samples_per_sec"] = self._samples / elapsed
-                    record.counts["perf/samples_per_sec"] = 1
+            for tag, value, _ in rates:  # one process: its own numbers, not via the sink
+                record.scalars[tag] = value
+                record.counts[tag] = 1
         else:
-            if throughput:
-                sink.put("perf/steps_per_sec", self._window_steps / elapsed, reduce="max")
-                if self._samples:  # the whole job's throughput: each rank's added
-                    sink.put("perf/samples_per_sec", self._samples / elapsed, reduce="sum")
+            for tag, value, reduce in rates:
+                sink.put(tag, value, reduce=reduce)
             if self._share is None:
                 self._share = (list(self._tags), list(self._mean_keys))
             record = sink.flush(trainer.state.step, share=self._share)
@@ -315,8 +314,7 @@ class LoggingHook(Hook):
         self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None
         trainer.publish(record)
-        if record.nonfinite:
-            _raise_if_nonfinite(record, self._tags)
+        _raise_if_nonfinite(record, self._tags)
 
 
 def _switched(key: str, step: int, now: str, before: str) -> None:
@@ -327,6 +325,8 @@ def _switched(key: str, step: int, now: str, before: str) -> None:
 
 
 def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> None:
+    if not record.nonfinite:  # every flush of a healthy run: nothing to look up
+        return
     bad = {key: record.nonfinite[tag] for key, tag in loss_tags.items()
            if tag in record.nonfinite}
     if bad:

@@ -311,16 +311,7 @@ class SummarySink:
         slot = self._plain.get(tag)
         if slot is None:
             slot = self._new_slot(tag, weighted=False)
-        # `_kept`, inlined: this runs for every scalar of every step.
-        if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
-            value = value.detach().clone() if value.is_leaf else value.data
-        else:
-            try:
-                if value._version:
-                    value = value.clone()
-            except RuntimeError:  # an inference tensor: it has no version counter
-                pass
-        self._values.append(value)
+        self._values.append(_kept(value))
         self._where.append(slot)
         if len(self._values) >= self._fold_at:
             self._fold()
@@ -522,13 +513,7 @@ class SummarySink:
                 continue
             tag, total = tags[slot], sums[slot]
             if total - total != 0.0 or bad[slot] is not None:  # NaN or Inf: find the first
-                first_bad = bad[slot]
-                if total - total != 0.0:
-                    at = next((i for i, (s, v) in enumerate(zip(where, host))
-                               if s == slot and not math.isfinite(v)), None)
-                    if at is not None:
-                        first_bad = _earliest(first_bad, _step_of(
-                            at, self._mark_at, self._mark_step))
+                first_bad = self._first_bad(slot, total, bad[slot], host)
                 if first_bad is not None:
                     record.nonfinite[tag] = first_bad
             scalars[tag] = total / count
@@ -555,6 +540,7 @@ class SummarySink:
         sums, counts, bad = self._py_sum, self._py_count, self._py_bad
         present = set(self._py_touched)
         values, where = self._values, self._where
+        host: list[Any] = []
         if values or self._stacked:
             host = self._pending_host()
             for slot, value in zip(where, host):
@@ -573,22 +559,29 @@ class SummarySink:
             present.update(folded.slots)
             folded.add_to(sums, counts, bad, weighted, (self._mark_at, self._mark_step))
         totals: dict[str, tuple[float, float, int | None]] = {}
-        steps = (self._mark_at, self._mark_step)
         for slot in range(n):
             if slot not in present:
                 continue
-            first_bad = bad[slot]
-            if not math.isfinite(sums[slot]):  # a NaN or Inf reaches the sum: find the first
-                offset = folded.values if folded is not None else 0
-                at = next((i for i, (s, v) in enumerate(zip(where, host))
-                           if s == slot and not math.isfinite(v)), None) if where else None
-                if at is not None:
-                    first_bad = _earliest(first_bad, _step_of(offset + at, *steps))
+            first_bad = self._first_bad(slot, sums[slot], bad[slot], host)
             if weighted[slot] and not counts[slot] >= 0 and slot in self._mean_first:
                 first_bad = _earliest(first_bad, self._mean_first[slot])  # a NaN or negative count
             totals[self._tags[slot]] = (sums[slot], counts[slot], first_bad)
         self._reset(present)
         return totals
+
+    def _first_bad(self, slot: int, total: float, first_bad: int | None,
+                   host: list[Any]) -> int | None:
+        """The first step `slot` went non-finite: `first_bad` (its numbers'), or if its
+        sum is not finite, that of its first non-finite pending value (`host`, the
+        pending values read back), whichever is earlier."""
+        if math.isfinite(total):
+            return first_bad
+        at = next((i for i, (s, v) in enumerate(zip(self._where, host))
+                   if s == slot and not math.isfinite(v)), None)
+        if at is None:
+            return first_bad
+        offset = self._folded.values if self._folded is not None else 0
+        return _earliest(first_bad, _step_of(offset + at, self._mark_at, self._mark_step))
 
     def _pending_host(self) -> list[Any]:
         """Every pending value (stacked and not) as Python numbers, in order."""
@@ -694,7 +687,7 @@ class _Folded:
     def fold(self, values: list[torch.Tensor], where: list[int],
              weights: list[torch.Tensor], weight_where: list[int]) -> None:
         size = max([*where, *weight_where], default=-1) + 1
-        for device, positions in _by_device(values).items():
+        for device, positions in _positions_by(values, lambda v: v.device).items():
             dtype = torch.float32 if device.type == "mps" else torch.float64
             chunk = torch.stack([values[i] for i in positions]).to(dtype)
             index = torch.tensor([where[i] for i in positions], device=device)
@@ -705,10 +698,8 @@ class _Folded:
                 0, index, bad, "amin")
             self.sums[device] = _padded(self.sums.get(device), sums, torch.add)
             self.first_bad[device] = _padded(self.first_bad.get(device), first, torch.minimum)
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, weight in enumerate(weights):
-            groups.setdefault((weight.device, weight.dtype), []).append(i)
-        for (device, dtype), positions in groups.items():
+        for (device, dtype), positions in _positions_by(
+                weights, lambda w: (w.device, w.dtype)).items():
             index = torch.tensor([weight_where[i] for i in positions], device=device)
             total = torch.zeros(size, dtype=dtype, device=device).index_add_(
                 0, index, torch.stack([weights[i] for i in positions]))
@@ -751,11 +742,12 @@ def _padded(old: torch.Tensor | None, new: torch.Tensor, combine: Callable[..., 
     return combine(old, new)
 
 
-def _by_device(values: list[torch.Tensor]) -> dict[torch.device, list[int]]:
-    """The positions of `values`, grouped by device."""
-    groups: dict[torch.device, list[int]] = {}
+def _positions_by(values: list[torch.Tensor], key: Callable[[torch.Tensor], Any]
+                  ) -> dict[Any, list[int]]:
+    """The positions of `values`, grouped by `key` (their device; device and dtype)."""
+    groups: dict[Any, list[int]] = {}
     for i, value in enumerate(values):
-        groups.setdefault(value.device, []).append(i)
+        groups.setdefault(key(value), []).append(i)
     return groups
 
 
@@ -772,10 +764,8 @@ def _to_host(values: list[torch.Tensor], exact: bool = False) -> list[Any]:
         except RuntimeError:  # on several devices
             pass
     host: list[Any] = [None] * len(values)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, value in enumerate(values):
-        groups.setdefault((value.device, value.dtype if exact else torch.float32),
-                          []).append(i)
+    groups = _positions_by(values, (lambda v: (v.device, v.dtype)) if exact
+                           else (lambda v: v.device))
     for positions in groups.values():
         for i, number in zip(positions, torch.stack([values[i] for i in positions]).tolist()):
             host[i] = number

@@ -200,7 +200,7 @@ class TensorBoardWriter:
                                    struct.pack("<I", crc(data)))))
 
     def _add_summary(self, summary: Any, step: int) -> None:
-        self._add(self._event(wall_time=time.time(), step=step, summary=summary))
+        self._frame(_event(step, summary.SerializeToString()))
 
     def write(self, record: SummaryRecord) -> None:
         if record.scalars:
