@@ -54,6 +54,8 @@ _FOLD_AT = 256
 # Pending tensor scalars are stacked into one tensor at the start of a step once this
 # many are waiting.
 _STACK_AT = 32
+# Whether a sink reads CPU tensors as they are written (`SummarySink(read_cpu_now=)`).
+READ_CPU_NOW = True
 _IMAGE_CHANNELS = (1, 3, 4)
 _IMAGE_FORMATS = ("HW", "CHW", "HWC", "NCHW", "NHWC")
 
@@ -207,11 +209,19 @@ class SummarySink:
         stop_requested: With a reducer: whether this process wants training to stop,
             sent with every flush's window; `stop_agreed_at` is then the step of the
             last flush at which any process wanted to, the same on every process.
+        read_cpu_now: Read a CPU tensor's number when it is written. False keeps CPU
+            tensors until the flush, as tensors on an accelerator always are. None: the
+            module's `READ_CPU_NOW` (True; tests that count host reads turn it off).
     """
 
     def __init__(self, reducer: Reducer | None = None,
-                 stop_requested: Callable[[], bool] | None = None) -> None:
+                 stop_requested: Callable[[], bool] | None = None,
+                 read_cpu_now: bool | None = None) -> None:
         self.step = 0
+        # CPU tensors are read as they are written: the CPU computed them already, so
+        # reading costs no sync, and nothing is kept alive until the flush. Off: they are
+        # kept like an accelerator's (the device path, which the tests run on the CPU).
+        self._read_cpu_now = READ_CPU_NOW if read_cpu_now is None else read_cpu_now
         self._flush_due = False
         self.reducer = reducer
         self._stop_requested = stop_requested
@@ -271,13 +281,6 @@ class SummarySink:
         self._flush_due = flush
         if len(self._values) >= _STACK_AT:
             self._stack_pending()
-        position = len(self._values) + self._stacked_count + (
-            self._folded.values if self._folded else 0)
-        if self._mark_at[-1] != position:
-            self._mark_at.append(position)
-            self._mark_step.append(step)
-        else:  # no value since the last step began
-            self._mark_step[-1] = step
 
     def _stack_pending(self) -> None:
         """Stack the pending values into one tensor (one op for many values, while they
@@ -311,10 +314,31 @@ class SummarySink:
         slot = self._plain.get(tag)
         if slot is None:
             slot = self._new_slot(tag, weighted=False)
-        self._values.append(_kept(value))
-        self._where.append(slot)
+        if value.is_cpu and self._read_cpu_now:
+            number = value.item()  # computed already: no sync, and nothing kept
+            self._py_sum[slot] += number
+            self._py_count[slot] += 1
+            self._py_touched.add(slot)
+            if number - number != 0.0 and self._py_bad[slot] is None:  # NaN or Inf
+                self._py_bad[slot] = self.step
+            return
+        self._pend(value, slot)
         if len(self._values) >= self._fold_at:
             self._fold()
+
+    def _pend(self, value: torch.Tensor, slot: int) -> None:
+        """Keep `value` until the flush; mark where this step's values begin if it is
+        the step's first (to name the step of a non-finite value)."""
+        if self._mark_step[-1] != self.step:
+            position = len(self._values) + self._stacked_count + (
+                self._folded.values if self._folded else 0)
+            if self._mark_at[-1] != position:
+                self._mark_at.append(position)
+                self._mark_step.append(self.step)
+            else:  # no value since the last mark
+                self._mark_step[-1] = self.step
+        self._values.append(_kept(value))
+        self._where.append(slot)
 
     def put_mean(self, tag: str, total: torch.Tensor | float, count: Any) -> None:
         """Add a `Mean`: the tag's window value is the sum of its totals over the sum of
@@ -323,22 +347,28 @@ class SummarySink:
         slot = self._slot.get(tag)
         if slot is None or not self._weighted[slot]:
             slot = self._new_slot(tag, weighted=True)
+        now = self._read_cpu_now
         if isinstance(total, torch.Tensor):
             if total.numel() != 1:
                 raise ValueError(f"write_summary({tag!r}, Mean(total, count)): total must be "
                                  f"one number, got shape {tuple(total.shape)}")
-            self._values.append(_kept(total.reshape(()) if total.ndim else total))
-            self._where.append(slot)
-        else:
+            if now and total.is_cpu:
+                total = total.item()
+            else:
+                self._pend(total.reshape(()) if total.ndim else total, slot)
+        if not isinstance(total, torch.Tensor):
             total = float(total)
             self._py_sum[slot] += total
             self._py_touched.add(slot)
             if self._py_bad[slot] is None and not math.isfinite(total):
                 self._py_bad[slot] = self.step
         if isinstance(count, torch.Tensor):
-            self._weights.append(_kept(count.reshape(()) if count.ndim else count))
-            self._weight_where.append(slot)
-        else:
+            if now and count.is_cpu:
+                count = count.item()
+            else:
+                self._weights.append(_kept(count.reshape(()) if count.ndim else count))
+                self._weight_where.append(slot)
+        if not isinstance(count, torch.Tensor):
             self._py_count[slot] += count
             self._py_touched.add(slot)
         self._mean_first.setdefault(slot, self.step)
@@ -789,11 +819,13 @@ Reducer = Callable[[dict[str, tuple[float, float, "int | None"]], dict[str, str]
 
 def _kept(value: torch.Tensor) -> torch.Tensor:
     """`value` as a window keeps it: by reference (no copy, no sync) unless it looks like
-    state that will change in place (a parameter, or a tensor already modified in place,
-    such as an updated buffer), which is cloned so the window keeps this step's value."""
+    state that will change in place (a parameter or a view of one, or a tensor already
+    modified in place, such as an updated buffer), which is cloned so the window keeps
+    this step's value."""
     if value.requires_grad:  # drop the graph; a leaf is a parameter: copy its value
-        # `.data` is `.detach()` without the round trip through the dispatcher.
-        return value.detach().clone() if value.is_leaf else value.data
+        if value.is_leaf or value._base is not None:  # a parameter, or a view (bias[0])
+            return value.detach().clone()
+        return value.data  # `.detach()` without the round trip through the dispatcher
     try:
         modified = value._version
     except RuntimeError:  # an inference tensor: it has no version counter

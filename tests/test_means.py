@@ -323,8 +323,9 @@ def test_a_mean_total_must_be_a_trainable_scalar(tmp_path):
         fit_lm(tmp_path, Detached)
 
 
-def test_the_sink_pools_means_and_keeps_them_across_a_checkpoint():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_the_sink_pools_means_and_keeps_them_across_a_checkpoint(now):
+    sink = SummarySink(read_cpu_now=now)
     sink.put_mean("acc", torch.tensor(3.0), torch.tensor(4))
     sink.put_mean("acc", 1.0, 6)
     saved = SummarySink()
@@ -497,8 +498,9 @@ def test_the_agreed_keys_travel_with_a_checkpoint():
     assert resumed.keys == ("aux", "nll") and resumed.active
 
 
-def test_the_sink_keeps_big_counts_exact_and_in_place_totals_by_value():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_the_sink_keeps_big_counts_exact_and_in_place_totals_by_value(now):
+    sink = SummarySink(read_cpu_now=now)
     sink.put_mean("tokens", torch.tensor(1.0), torch.tensor(2 ** 25 + 1))
     sink.put_mean("other", torch.tensor(1.0), torch.tensor(2.0))  # a float count, same device
     buffer, count = torch.zeros(()), torch.zeros(())

@@ -14,9 +14,11 @@ from torch import nn
 from lossless_trainer import (
     Accuracy,
     Hook,
+    Mean,
     Model,
     Trainer,
     is_summary_step,
+    summary,
     summary_scope,
     write_summary,
 )
@@ -55,8 +57,9 @@ def test_scopes_nest_and_survive_exceptions():
         pass
 
 
-def test_scalars_are_averaged_over_the_window_and_reset():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_scalars_are_averaged_over_the_window_and_reset(now):
+    sink = SummarySink(read_cpu_now=now)
     with sink.activate():
         for step in range(1, 5):
             sink.begin_step(step, flush=step == 4)
@@ -71,7 +74,7 @@ def test_scalars_are_averaged_over_the_window_and_reset():
 
 
 def test_many_values_fold_into_bounded_memory_and_keep_first_nonfinite_step():
-    sink = SummarySink()
+    sink = SummarySink(read_cpu_now=False)  # the device path, on the CPU
     n = 3 * _FOLD_AT + 7
     with sink.activate():
         for step in range(1, n + 1):
@@ -90,7 +93,7 @@ def test_stacked_values_keep_order_sums_slots_and_the_first_nonfinite_step():
     """Many scalars per step are stacked into one tensor at the next step's start; the
     sums, counts and first non-finite step are those of the values one by one, and a
     tag missing from a whole window loses its slot, the others keep their order."""
-    sink = SummarySink()
+    sink = SummarySink(read_cpu_now=False)  # the device path, on the CPU
     expected: dict[str, list[float]] = {}
     with sink.activate():
         for step in range(1, 7):
@@ -120,16 +123,18 @@ def test_stacked_values_keep_order_sums_slots_and_the_first_nonfinite_step():
     assert sink._tags == ["t5", "fresh"] and sink._slot == {"t5": 0, "fresh": 1}
 
 
-def test_python_number_nonfinite_is_reported():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_python_number_nonfinite_is_reported(now):
+    sink = SummarySink(read_cpu_now=now)
     with sink.activate():
         sink.begin_step(7, flush=True)
         write_summary("p", float("inf"))
     assert sink.flush().nonfinite == {"p": 7}
 
 
-def test_first_nonfinite_step_is_the_earliest_of_numbers_and_tensors():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_first_nonfinite_step_is_the_earliest_of_numbers_and_tensors(now):
+    sink = SummarySink(read_cpu_now=now)
     with sink.activate():
         for step, value in ((1, 1.0), (2, torch.tensor(float("inf"))), (3, float("nan")),
                             (4, torch.tensor(float("nan"))), (5, torch.tensor(2.0))):
@@ -272,32 +277,41 @@ def test_write_summary_from_another_thread_needs_a_copied_context():
     assert set(sink.flush().scalars) == {"copied"}
 
 
-def test_parameters_and_updated_buffers_are_logged_by_value():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_parameters_and_updated_buffers_are_logged_by_value(now):
+    sink = SummarySink(read_cpu_now=now)
     scale = torch.nn.Parameter(torch.tensor(1.0))
+    bias = torch.nn.Parameter(torch.tensor([1.0, 5.0]))
     counter = torch.zeros(())
     counter += 1  # now at version 1: treated as state that changes in place
     with sink.activate():
         for step in range(1, 4):
             sink.begin_step(step, flush=False)
             write_summary("scale", scale)
+            write_summary("bias0", bias[0])  # a view of a parameter
             write_summary("counter", counter)
             with torch.no_grad():
                 scale.mul_(2)
+                bias.mul_(2)
             counter += 1
-    assert sink.flush().scalars == {"scale": (1 + 2 + 4) / 3, "counter": (1 + 2 + 3) / 3}
+    assert sink.flush().scalars == {"scale": (1 + 2 + 4) / 3, "bias0": (1 + 2 + 4) / 3,
+                                    "counter": (1 + 2 + 3) / 3}
 
 
-def test_stored_scalars_hold_no_graph_and_inference_tensors_are_accepted():
-    sink = SummarySink()
+@pytest.mark.parametrize("now", [True, False], ids=["read-now", "kept"])
+def test_stored_scalars_hold_no_graph_and_inference_tensors_are_accepted(now):
+    sink = SummarySink(read_cpu_now=now)
     weight = torch.nn.Parameter(torch.tensor(3.0))
     with sink.activate():
         sink.begin_step(1, flush=False)
         write_summary("grad_path", weight * 2)  # requires grad, not a leaf
         with torch.inference_mode():
             write_summary("inference", torch.tensor(5.0) + 1)  # no version counter
-    stored = sink._values[0]
-    assert not stored.requires_grad and stored.grad_fn is None
+    if now:  # read at once: nothing kept
+        assert sink._values == []
+    else:
+        stored = sink._values[0]
+        assert not stored.requires_grad and stored.grad_fn is None
     assert sink.flush().scalars == {"grad_path": 6.0, "inference": 6.0}
 
 
@@ -359,3 +373,49 @@ def test_an_evaluation_in_a_hook_flushes_its_own_step(quiet):
     assert [line["step"] for line in lines] == [3, 4, 8]
     assert ["eval/accuracy" in line for line in lines] == [True, False, False]
     assert "loss/ce" in lines[0]  # the window up to step 3 went out with it
+
+
+class Varied(Model):
+    """Writes every kind of CPU scalar: a graph's tensor, a parameter, a buffer updated
+    in place, an integer tensor, a Mean of tensors, a number, and an Inf at step 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, batch):
+        x, y = batch
+        logits = self.lin(x)
+        self.calls += 1
+        self.seen += len(x)
+        write_summary("logits/max", logits.max())  # requires grad
+        write_summary("weight", self.lin.bias[0])
+        write_summary("seen", self.seen)
+        write_summary("labels", y.sum())  # int64
+        write_summary("right", Mean((logits.argmax(-1) == y).sum(), torch.tensor(len(y))))
+        write_summary("calls", self.calls)
+        write_summary("odd", torch.tensor(math.inf if self.calls == 5 else 1.0))
+        return {"ce": F.cross_entropy(logits, y)}
+
+
+def test_cpu_tensors_read_as_written_log_what_kept_ones_do(monkeypatch, fresh):
+    """The sink reads a CPU tensor when it is written; the device path keeps it until
+    the flush. Both give the same numbers, counts and first non-finite steps."""
+    runs = []
+    for now in (True, False):
+        monkeypatch.setattr(summary, "READ_CPU_NOW", now)
+        options = fresh()
+        torch.manual_seed(0)
+        trainer = Trainer(Varied(), make_batches(7), log_every=3, **options)
+        trainer.fit()
+        assert trainer.sink._read_cpu_now is now
+        lines = [{k: v for k, v in line.items() if k != "time" and not k.startswith("perf/")}
+                 for line in read_metrics(options["log_dir"])]
+        runs.append((lines, trainer.last_summary.nonfinite))
+    assert runs[0] == runs[1]
+    lines, _ = runs[0]
+    assert [line["step"] for line in lines] == [3, 6, 7]
+    assert lines[1]["odd"] == "inf" and lines[0]["odd"] == 1.0
+    assert lines[0]["seen"] == (8 + 16 + 24) / 3  # each step's value, not the last one's
