@@ -307,21 +307,16 @@ class SummarySink:
     def put_scalar(self, tag: str, value: torch.Tensor) -> None:
         """Fast path for a one-element tensor the caller has already validated.
 
-        The value is kept by reference (no copy, no sync) unless it looks like state that
-        will change in place: a parameter, or a tensor already modified in place (an
-        updated buffer). Those are cloned so the window keeps the value of this step.
+        A CPU tensor's number is read now (see `read_cpu_now`). Another tensor is kept by
+        reference (no copy, no sync) unless it looks like state that will change in place
+        (`_kept`): those are cloned so the window keeps the value of this step.
         """
+        if value.is_cpu and self._read_cpu_now:
+            self._number(tag, value.item())  # computed already: no sync, nothing kept
+            return
         slot = self._plain.get(tag)
         if slot is None:
             slot = self._new_slot(tag, weighted=False)
-        if value.is_cpu and self._read_cpu_now:
-            number = value.item()  # computed already: no sync, and nothing kept
-            self._py_sum[slot] += number
-            self._py_count[slot] += 1
-            self._py_touched.add(slot)
-            if number - number != 0.0 and self._py_bad[slot] is None:  # NaN or Inf
-                self._py_bad[slot] = self.step
-            return
         self._pend(value, slot)
         if len(self._values) >= self._fold_at:
             self._fold()
