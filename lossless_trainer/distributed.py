@@ -17,10 +17,11 @@ Assumptions made here:
 * the run directory is on a file system every rank can read (checkpoints are written by
   rank 0 and read by all ranks on resume), as on one node or a shared file system.
 
-The trainer talks to the other ranks at flushes (one gather of the window's scalar sums),
-at checkpoints, on resume, once per step to agree on stopping (an asynchronous all-reduce
-of one integer on a CPU side channel, so it never waits on the accelerator), and nowhere
-else besides the gradient all-reduce DDP or FSDP does itself.
+The trainer talks to the other ranks at flushes (one asynchronous all-gather of the
+window's scalar sums, waited for at the next step), at checkpoints, on resume, every few
+steps to agree on stopping (an asynchronous all-reduce of two integers on a CPU side
+channel, so it never waits on the accelerator), and nowhere else besides the gradient
+all-reduce DDP or FSDP does itself.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Distributed:
         # votes, and when the last vote started.
         self._next_vote = self._vote_step = self._vote_time = 0
         self._vote_every = 1
+        self._layout = _WindowLayout()
 
     @property
     def is_main(self) -> bool:
@@ -488,15 +490,62 @@ class Distributed:
         self._next_vote = self._vote_step = self._vote_time = 0
         self._vote_every = 1
 
-    def reduce_totals(self, totals: Totals, modes: dict[str, str], share: Any = None
-                      ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]],
-                                 list[Any]]:
-        """Combine every rank's window, and gather each rank's `share` with it: one
-        gather per flush. See `combine_totals`."""
+    def start_reduce_totals(self, totals: Totals, modes: dict[str, str],
+                            share: tuple[Any, bool] = (None, False),
+                            ) -> Callable[..., Any]:
+        """Start combining every rank's window, and gathering each rank's `share` with
+        it; returns what waits for the result (see `combine_totals`), which is called
+        with ``objects=False`` where not every rank may be (see below).
+
+        One asynchronous all-gather of a float64 tensor per flush, in a layout the
+        ranks agreed on (`_WindowLayout`) on the CPU side channel: started at the flush
+        and waited for at the next step, it is long done by then, so no rank waits for
+        the others. The first flush, and a window the layout does not fit (one with a
+        new tag) at the next step, are gathered as objects, which is a wait.
+
+        Args:
+            totals: This rank's window.
+            modes: This rank's reductions (tags logged with a ``reduce=`` other than
+                ``"mean"``).
+            share: ``(value, stop)``: a small picklable value, and whether this rank asks
+                to stop; they come back by rank as the third result.
+        """
+        own = (totals, modes)
         if not self.collectives_ok:  # after an error: this rank's own window, unreduced
-            return (*combine_totals([(totals, modes)], ranks=[self.rank]), [share])
-        gathered = self.all_gather((totals, modes, share))
-        return (*combine_totals([(t, m) for t, m, _ in gathered]), [s for _, _, s in gathered])
+            alone = (*combine_totals([own], ranks=[self.rank]), [share])
+            return lambda objects=True: alone
+        layout = self._layout
+        if not layout.index:  # the first flush: every rank knows it gathers objects
+            gathered = self.all_gather((totals, modes, share))
+            layout.agree(gathered, modes, share)
+            first = (*combine_totals([(t, m) for t, m, _ in gathered]),
+                     [s for _, _, s in gathered])
+            return lambda objects=True: first
+        packed = torch.tensor(layout.pack(totals, modes, share), dtype=torch.float64)
+        rows = [torch.empty_like(packed) for _ in range(self.world_size)]
+        work = dist.all_gather(rows, packed, group=_control_group(), async_op=True)
+
+        def result(objects: bool = True) -> Any:
+            """The result; None if it needs the gather as objects and `objects` is false
+            (a collective, which only a point every rank reaches may start)."""
+            # After an error on this rank the gather may never complete: not waited for.
+            if self.collectives_ok or work.is_completed():
+                work.wait()
+                per_rank = torch.stack(rows).tolist()
+                if not any(row[0] for row in per_rank):
+                    return (*combine_totals(layout.unpack(per_rank)),
+                            [(value, bool(row[1])) for value, row in zip(layout.shares,
+                                                                          per_rank)])
+                if not objects and self.collectives_ok:
+                    return None
+                if self.collectives_ok:  # a window does not fit: gathered as objects
+                    gathered = self.all_gather((totals, modes, share))
+                    layout.agree(gathered, modes, share)
+                    return (*combine_totals([(t, m) for t, m, _ in gathered]),
+                            [s for _, _, s in gathered])
+            return (*combine_totals([own], ranks=[self.rank]), [share])
+
+        return result
 
     def explain(self, error: RuntimeError, step: int, model: nn.Module) -> BaseException:
         """A clear error for DDP's unused-parameter failure; other errors unchanged."""
@@ -569,6 +618,73 @@ def combine_totals(per_rank: list[tuple[Totals, dict[str, str]]],
             value = means[0]
         values[tag] = (value, count)
     return values, nonfinite
+
+
+class _WindowLayout:
+    """Where each tag's window sits in the tensor a flush all-gathers, as every rank
+    agreed at the last flush that gathered whole windows as objects.
+
+    A rank's row is ``[misfit, stop, then (sum, count, first non-finite step or -1) per
+    tag]`` in float64, which holds a Python float, and an integer up to 2**53, exactly.
+    The row of a window with a tag outside the layout, or with reductions or a share
+    other than those agreed, says so (`misfit`): then every rank also gathers its whole
+    window as objects, as at the first flush, and the layout grows by the new tags. Tags
+    come and go between windows; one a window does not write is sent as zeros. A layout
+    grown well past the windows it serves is rebuilt from the latest one.
+    """
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.modes: list[dict[str, str]] = []  # each rank's, as agreed
+        self.shares: list[Any] = []  # each rank's share value, as agreed
+        self._modes: dict[str, str] | None = None  # this rank's, as agreed
+        self._share: Any = None
+
+    def pack(self, totals: Totals, modes: dict[str, str], share: tuple[Any, bool]
+             ) -> list[float]:
+        """This rank's row."""
+        value, stop = share
+        index = self.index
+        row = [0.0, float(stop)] + [0.0, 0.0, -1.0] * len(index)
+        misfit = self._modes is None or modes != self._modes or not (
+            value is self._share or value == self._share)
+        for tag, (total, count, first_bad) in totals.items():
+            at = index.get(tag)
+            if at is None:
+                misfit = True
+                continue
+            at = 2 + 3 * at
+            row[at], row[at + 1] = total, count
+            if first_bad is not None:
+                row[at + 2] = first_bad
+        row[0] = float(misfit)
+        return row
+
+    def unpack(self, rows: list[list[float]]) -> list[tuple[Totals, dict[str, str]]]:
+        """Each rank's window and reductions, as `combine_totals` takes them; a tag with
+        nothing counted and nothing non-finite is left out, as it adds nothing."""
+        per_rank = []
+        for row, modes in zip(rows, self.modes):
+            totals: Totals = {}
+            for tag, at in self.index.items():
+                at = 2 + 3 * at
+                count, first_bad = row[at + 1], row[at + 2]
+                if count != 0 or first_bad >= 0:
+                    totals[tag] = (row[at], count, None if first_bad < 0 else int(first_bad))
+            per_rank.append((totals, modes))
+        return per_rank
+
+    def agree(self, gathered: list[tuple[Totals, dict[str, str], tuple[Any, bool]]],
+              modes: dict[str, str], share: tuple[Any, bool]) -> None:
+        """Agree on the layout from every rank's whole window (the same on every rank)."""
+        window = dict.fromkeys(tag for totals, _, _ in gathered for tag in totals)
+        if len(self.index) > 2 * len(window) + 16:  # grown past what windows write
+            self.index = {}
+        for tag in window:
+            self.index.setdefault(tag, len(self.index))
+        self.modes = [dict(rank_modes) for _, rank_modes, _ in gathered]
+        self.shares = [rank_share[0] for _, _, rank_share in gathered]
+        self._modes, self._share = dict(modes), share[0]
 
 
 def _is_instance_of(classes: Any) -> Callable[[nn.Module], bool]:

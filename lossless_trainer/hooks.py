@@ -195,11 +195,17 @@ class LoggingHook(Hook):
         # Under torchrun, the loss keys this rank knows, as sent with each flush; made
         # again only when a key is added.
         self._share: tuple[list[str], list[str]] | None = None
+        # A flush whose windows are being combined (trainer, its completion, micro-batch
+        # count, learning rates), and a published record whose non-finite check waits
+        # for `land`.
+        self._landing: tuple[Any, Any, int, dict[str, float]] | None = None
+        self._unraised: SummaryRecord | None = None
 
     def before_train(self, trainer: TrainerView) -> None:
         self._window_start = time.perf_counter()
 
     def state_dict(self) -> dict[str, Any]:
+        self.land()  # a checkpoint follows the flush of its step: written, and checked
         return {"window_steps": self._window_steps, "window_micro": self._window_micro,
                 "samples": -1 if self._samples is None else self._samples,
                 "loss_keys": list(self._tags), "mean_keys": list(self._mean_keys)}
@@ -215,6 +221,8 @@ class LoggingHook(Hook):
         self._share = None
 
     def after_step(self, trainer: TrainerView) -> None:
+        if self._landing is not None or self._unraised is not None:
+            self.land()  # the last flush's windows, combined while this step ran
         sink = trainer.sink
         tags = self._tags
         mean_keys = self._mean_keys
@@ -251,14 +259,19 @@ class LoggingHook(Hook):
             skipped = trainer.precision.skipped_steps
             if skipped is not None:  # fp16: steps the GradScaler skipped so far
                 sink.put_scalar("amp/skipped_steps", skipped)
-            self.flush(trainer)
+            self.flush(trainer, wait=False)
 
     def after_train(self, trainer: TrainerView) -> None:
+        self.land()
         # Under torchrun a flush is collective: all ranks flush, or none.
         if trainer.dist.any(bool(self._window_steps) or trainer.sink.pending):
             self.flush(trainer)
 
-    def flush(self, trainer: TrainerView) -> None:
+    def flush(self, trainer: TrainerView, wait: bool = True) -> None:
+        """End the window and publish its record. Under torchrun, unless `wait`, the
+        ranks' windows are combined while the next step runs, and the record is
+        published at the next `after_step` (or sooner: when `trainer.last_summary` is
+        read, or at a checkpoint)."""
         sink = trainer.sink
         elapsed = time.perf_counter() - self._window_start
         rates = []  # (tag, value, how ranks combine it): the whole job's throughput
@@ -269,25 +282,67 @@ class LoggingHook(Hook):
         # The last completed step: after a failed step, its partial window is still
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
+        micro_batches = self._window_micro * trainer.dist.world_size
+        groups = trainer.optimizer.param_groups
+        lrs = {"lr": float(groups[0]["lr"])} if len(groups) == 1 else {
+            f"lr/{group.get('name', f'group{i}')}": float(group["lr"])
+            for i, group in enumerate(groups)}
+        self._window_start = time.perf_counter()
+        self._window_steps = self._window_micro = 0
+        self._samples = 0 if self._samples is not None else None
         if not trainer.dist.enabled:
             record = sink.flush(trainer.state.step)
             for tag, value, _ in rates:  # one process: its own numbers, not via the sink
                 record.scalars[tag] = value
                 record.counts[tag] = 1
-        else:
-            for tag, value, reduce in rates:
-                sink.put(tag, value, reduce=reduce)
-            if self._share is None:
-                self._share = (list(self._tags), list(self._mean_keys))
-            record = sink.flush(trainer.state.step, share=self._share)
-            known = (len(self._tags), len(self._mean_keys))
-            for shared in record.shared:
-                keys, mean_keys = shared or ((), ())
-                for key in keys:
-                    self._tags.setdefault(key, f"loss/{key}")
-                self._mean_keys.update(dict.fromkeys(mean_keys))
-            if (len(self._tags), len(self._mean_keys)) != known:
-                self._share = None
+            self._publish(trainer, record, micro_batches, lrs)
+            _raise_if_nonfinite(record, self._tags)
+            return
+        for tag, value, reduce in rates:
+            sink.put(tag, value, reduce=reduce)
+        if self._share is None:
+            self._share = (list(self._tags), list(self._mean_keys))
+        complete = sink.flush_started(trainer.state.step, share=self._share)
+        self._landing = (trainer, complete, micro_batches, lrs)
+        trainer.publish_later(self._complete)
+        if wait:
+            self.land()
+
+    def land(self) -> None:
+        """Publish the record of a flush whose windows were still being combined (under
+        torchrun), and raise if a loss went NaN or Inf in it. Called where every rank
+        is at the same point: the next `after_step`, `after_train`, a checkpoint."""
+        if self._landing is not None:
+            self._complete(objects=True)
+        record, self._unraised = self._unraised, None
+        if record is not None:
+            _raise_if_nonfinite(record, self._tags)
+
+    def _complete(self, objects: bool) -> None:
+        """Complete and publish the record in flight; its non-finite check waits for
+        `land`, so that every rank raises at the same step. Without `objects` (a read of
+        `last_summary` on one rank), a record that needs the ranks to gather their
+        windows as objects waits for `land` too."""
+        if self._landing is None:
+            return
+        trainer, complete, micro_batches, lrs = self._landing  # type: ignore[misc]
+        record = complete(objects)
+        if record is None:
+            return
+        self._landing = None
+        known = (len(self._tags), len(self._mean_keys))
+        for shared in record.shared:
+            keys, mean_keys = shared or ((), ())
+            for key in keys:
+                self._tags.setdefault(key, f"loss/{key}")
+            self._mean_keys.update(dict.fromkeys(mean_keys))
+        if (len(self._tags), len(self._mean_keys)) != known:
+            self._share = None
+        self._publish(trainer, record, micro_batches, lrs)
+        self._unraised = record
+
+    def _publish(self, trainer: TrainerView, record: SummaryRecord, micro_batches: int,
+                 lrs: dict[str, float]) -> None:
         # loss/total is derived, not stored per step: the window's summed plain losses
         # over its micro-batches (and ranks), exact also when an optional loss is missing
         # from some of them, plus each Mean term's window value (its pooled mean).
@@ -301,20 +356,10 @@ class LoggingHook(Hook):
                     mean_sum += scalars[tag]
                 else:
                     window_sum += scalars[tag] * counts[tag]
-        micro_batches = self._window_micro * trainer.dist.world_size
         if found and micro_batches:
             scalars["loss/total"] = window_sum / micro_batches + mean_sum
-        groups = trainer.optimizer.param_groups
-        if len(groups) == 1:
-            scalars["lr"] = float(groups[0]["lr"])
-        else:
-            for i, group in enumerate(groups):
-                scalars[f"lr/{group.get('name', f'group{i}')}"] = float(group["lr"])
-        self._window_start = time.perf_counter()
-        self._window_steps = self._window_micro = 0
-        self._samples = 0 if self._samples is not None else None
+        scalars.update(lrs)
         trainer.publish(record)
-        _raise_if_nonfinite(record, self._tags)
 
 
 def _switched(key: str, step: int, now: str, before: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -183,4 +183,9 @@ class TrainerView(Protocol):
 
     def publish(self, record: SummaryRecord) -> None:
         """Hand a flushed record to the writers and make it `last_summary`."""
+        ...
+
+    def publish_later(self, publish: Callable[[bool], None]) -> None:
+        """A record still being combined across ranks: `publish(everywhere)` publishes
+        it (`everywhere`: every rank calls it at this point)."""
         ...

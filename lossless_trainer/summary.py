@@ -203,12 +203,14 @@ class SummarySink:
     `flush`, which ends the window.
 
     Args:
-        reducer: Combines the window's scalar sums with those of the other processes at
-            each flush (see `lossless_trainer.distributed.combine_totals`). None: this
-            process's values as they are.
+        reducer: Starts combining the window's scalar sums with those of the other
+            processes at each flush (see `lossless_trainer.distributed.combine_totals`)
+            and returns what waits for the result. None: this process's values as they
+            are.
         stop_requested: With a reducer: whether this process wants training to stop,
-            sent with every flush's window; `stop_agreed_at` is then the step of the
-            last flush at which any process wanted to, the same on every process.
+            sent with every flush's window; `stop_agreed_at` is then the step after the
+            last flush at which any process wanted to (where every process completes
+            that flush's record), the same on every process.
         read_cpu_now: Read a CPU tensor's number when it is written. False keeps CPU
             tensors until the flush, as tensors on an accelerator always are. None: the
             module's `READ_CPU_NOW` (True; tests that count host reads turn it off).
@@ -480,13 +482,23 @@ class SummarySink:
             share: A small picklable value that travels with this process's window to
                 the others (in the same gather) and comes back as `SummaryRecord.shared`.
         """
+        return self.flush_started(step, share)()  # type: ignore[return-value]
+
+    def flush_started(self, step: int | None = None, share: Any = None
+                      ) -> Callable[..., SummaryRecord | None]:
+        """`flush`, in two halves: end the window now, and return what completes its
+        record. With a reducer, the ranks' windows are combined in between, by a
+        collective that runs while the caller goes on (the next step), so no rank waits
+        for the others at the flush; completing waits for what is left of it. Where not
+        every rank completes its record (a hook on one rank reads it), complete it with
+        ``objects=False``: None if the ranks must first gather the windows as objects."""
         record = SummaryRecord(step=self.step if step is None else step)
-        if (self.reducer is None and self._folded is None and not self._weights
-                and len(self._plain) == len(self._tags)):
-            self._flush_plain(record)  # the common case: plain scalars on one process
-            return record
-        totals = self._totals()
         if self.reducer is None:
+            if (self._folded is None and not self._weights
+                    and len(self._plain) == len(self._tags)):
+                self._flush_plain(record)  # the common case: plain scalars, one process
+                return lambda objects=True: record
+            totals = self._totals()
             record.shared = [share]
             for tag, (total, count, first_bad) in totals.items():
                 if first_bad is not None:
@@ -494,20 +506,29 @@ class SummarySink:
                 if count:  # a Mean with nothing counted in the window has no value
                     record.scalars[tag] = total / count
                     record.counts[tag] = count
-        else:
-            stop = self._stop_requested is not None and self._stop_requested()
-            values, nonfinite, shared = self.reducer(totals, self._modes, (share, stop))
+            self._move_others(record)
+            return lambda objects=True: record
+        stop = self._stop_requested is not None and self._stop_requested()
+        reduced = self.reducer(self._totals(), self._modes, (share, stop))
+        self._move_others(record)
+
+        def complete(objects: bool = True) -> SummaryRecord | None:
+            result = reduced(objects)
+            if result is None:  # a collective is needed first, where every rank is
+                return None
+            values, nonfinite, shared = result
             record.shared = [item[0] if item is not None else None for item in shared]
             if any(item is not None and item[1] for item in shared):
-                self.stop_agreed_at = record.step
+                self.stop_agreed_at = record.step + 1  # where every rank completes it
             for tag, (value, count) in values.items():
                 record.scalars[tag] = value
                 record.counts[tag] = count
             for tag, (first_bad, rank) in nonfinite.items():
                 record.nonfinite[tag] = first_bad
                 record.nonfinite_ranks[tag] = rank
-        self._move_others(record)
-        return record
+            return record
+
+        return complete
 
     def _move_others(self, record: SummaryRecord) -> None:
         """Hand the window's histograms, images and text to `record`, on the CPU."""
@@ -806,10 +827,12 @@ def _earliest(a: int | None, b: int) -> int:
     return b if a is None else min(a, b)
 
 
-# Combines a window's scalar totals across processes: ({tag: (sum, count, first_bad)},
-# {tag: mode}, share) -> ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
+# Starts combining a window's scalar totals across processes, ({tag: (sum, count,
+# first_bad)}, {tag: mode}, share), and returns what waits for the result:
+# ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
 Reducer = Callable[[dict[str, tuple[float, float, "int | None"]], dict[str, str], Any],
-                   tuple[dict[str, tuple[float, float]], dict[str, tuple[int, int]], list[Any]]]
+                   Callable[[], tuple[dict[str, tuple[float, float]],
+                                      dict[str, tuple[int, int]], list[Any]]]]
 
 
 def _kept(value: torch.Tensor) -> torch.Tensor:

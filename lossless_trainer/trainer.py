@@ -285,7 +285,7 @@ class Trainer:
         self._saver = BackgroundSaver() if async_checkpoint else None
         self.log_every = log_every
         # Under torchrun a stop request travels with each flush's gather (`_stopping`).
-        self.sink = SummarySink(self.dist.reduce_totals if self.dist.enabled else None,
+        self.sink = SummarySink(self.dist.start_reduce_totals if self.dist.enabled else None,
                                 stop_requested=lambda: self._stop_request is not None)
         self.hooks = HookList([*builtin_hooks(evaluate=eval_data is not None,
                                               eval_every=eval_every,
@@ -304,7 +304,8 @@ class Trainer:
         self.losses: dict[str, torch.Tensor | Mean] = {}
         self.micro_losses: list[dict[str, torch.Tensor | Mean]] = []
         self._last_total: tuple[torch.Tensor | None, dict[str, Any]] | None = None
-        self.last_summary: SummaryRecord | None = None
+        self._last_summary: SummaryRecord | None = None
+        self._on_read: Callable[[bool], None] | None = None  # publishes a record in flight
         self.last_eval: dict[str, float] | None = None
         # Set by fit: the open writers, the checkpoint resumed from, the error it raises.
         self.writers: BackgroundWriter | None = None
@@ -459,12 +460,12 @@ class Trainer:
 
         Under torchrun every rank must stop at the same step, and agreeing must not cost
         every step a collective. A request (a hook's, a signal's) travels with the next
-        flush's gather, which every rank makes anyway: every rank stops at that flush's
-        step, the same step in every run. A signal is also put to an asynchronous vote
-        every few steps (about 100 ms of them: `Distributed.vote_stop`), so a SIGTERM is
-        agreed within about 200 ms whatever `log_every` is. Between epochs, where every
-        rank is at once, a synchronous vote, so a stop asked in `after_epoch` starts no
-        new epoch.
+        flush's gather, which every rank makes anyway and which runs while the next step
+        does: every rank stops at the step after that flush, the same step in every
+        run. A signal is also put to an asynchronous vote every few steps (about 100 ms
+        of them: `Distributed.vote_stop`), so a SIGTERM is agreed within about 200 ms
+        whatever `log_every` is. Between epochs, where every rank is at once, a
+        synchronous vote, so a stop asked in `after_epoch` starts no new epoch.
         """
         state = self.state
         if state.stop_reason is None:
@@ -593,12 +594,29 @@ class Trainer:
                                "in its log); every rank stops")
         return writers
 
+    @property
+    def last_summary(self) -> SummaryRecord | None:
+        """The latest flushed `SummaryRecord`. Under torchrun, read at the step of its
+        flush it waits for the ranks' windows to be combined (otherwise done while the
+        next step runs)."""
+        if self._on_read is not None:
+            self._on_read(False)  # this rank alone: no collective
+        return self._last_summary
+
     def publish(self, record: SummaryRecord) -> None:
         """Hand a flushed record to the writers and make it `last_summary`. The logging
         hook calls it at every flush; a record is written once, in step order."""
-        self.last_summary = record
+        self._on_read = None
+        self._last_summary = record
         if self.writers is not None:
             self.writers.write(record)
+
+    def publish_later(self, publish: Callable[[bool], None]) -> None:
+        """A flush's record is still being combined across ranks: `publish(everywhere)`
+        completes and publishes it, where `everywhere` says whether every rank calls it
+        at this point (then it may start a collective). Called by the logging hook, when
+        `last_summary` is read, and before a checkpoint."""
+        self._on_read = publish
 
     def _close_writers(self) -> list[BaseException]:
         writers, self.writers = self.writers, None
@@ -933,6 +951,8 @@ class Trainer:
             keep_last: Once it is complete, delete all but the newest `keep_last`
                 checkpoints of its directory (never this one).
         """
+        if self._on_read is not None:  # the record of the flush before: on disk too
+            self._on_read(True)
         if self.writers is not None:  # rank 0's; a background error is raised on every rank
             self.dist.on_main(self.writers.flush)
         self._means.check()  # a checkpoint does not carry a miscount past its step

@@ -25,6 +25,7 @@ rank saves its own to OUT/<name>-rank<r>.pt.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import sys
@@ -143,20 +144,40 @@ def uncount_fsdp_reductions() -> None:
     group.foreach_reduce = _FSDP_REDUCE.pop()
 
 
+class ReadsOnRank0(Hook):
+    """Reads `trainer.last_summary` after the logging hook, on rank 0 only, as a hook
+    that sends the losses elsewhere would: (step, the record's step) at every step."""
+
+    priority = 93  # after the logging hook (90) and the checkpoint hook (92)
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int | None]] = []
+        self.on_disk: list[int] = []  # the last step in metrics.jsonl, after a checkpoint
+
+    def after_step(self, trainer):
+        if trainer.dist.is_main:
+            if trainer.state.step in (4, 8):  # checkpoint_every=4; 12 is saved at the end
+                with open(os.path.join(trainer.log_dir, "metrics.jsonl")) as lines:
+                    self.on_disk.append(json.loads(lines.readlines()[-1])["step"])
+            record = trainer.last_summary
+            self.reads.append((trainer.state.step, None if record is None else record.step))
+
+
 def equivalence(out: str, strategy: str = "auto") -> None:
     # FSDP runs with momentum, so resuming it restores optimizer state too.
     momentum = 0.9 if strategy == "fsdp" else 0.0
     for name, batch, accum in (("plain", 8, 1), ("accum", 4, 2)):
+        reads = ReadsOnRank0()
         torch.manual_seed(0)
         model = Regressor()
         trainer = Trainer(model, DataLoader(dataset(), batch_size=batch, shuffle=False),
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=momentum),
-                          max_steps=12,
+                          max_steps=12, checkpoint_every=4,
                           log_every=1, grad_accum_steps=accum, log_dir=os.path.join(out, name),
                           progress=False, keep_last=1, strategy=strategy,
                           checkpoint_format="full",  # one file, read back below
                           eval_data=DataLoader(dataset(40), batch_size=16), eval_every=6,
-                          evaluators=[MeanSquaredError(targets=1)])
+                          evaluators=[MeanSquaredError(targets=1)], callbacks=[reads])
         counter = count_allreduces(trainer._train_model) if strategy != "fsdp" \
             else count_fsdp_reductions()
         trainer.fit()
@@ -168,6 +189,7 @@ def equivalence(out: str, strategy: str = "auto") -> None:
             uncount_fsdp_reductions()
         save(out, name, {"params": params, "allreduces": counter[0] if counter else None,
                          "sampler": type(trainer.data.sampler).__name__,
+                         "reads": reads.reads, "on_disk": reads.on_disk,
                          "device": str(trainer.device), "world": trainer.dist.world_size})
     if strategy == "fsdp":  # resume the sharded model from the full checkpoint
         torch.manual_seed(1)  # different initial weights: the checkpoint must replace them
@@ -206,7 +228,10 @@ def optional(out: str) -> None:
             if trainer.dist.rank == 1 and trainer.state.step == 3:
                 trainer.request_stop("rank 1 asked")
 
-    trainer = Trainer(TwoHeads(), data, max_steps=8, log_dir=os.path.join(out, "stop"),
+    # 8 batches per rank: the request travels with the flush of step 4, not with the
+    # vote at the end of an epoch.
+    trainer = Trainer(TwoHeads(), DataLoader(dataset(128), batch_size=8), max_steps=8,
+                      log_dir=os.path.join(out, "stop"),
                       progress=False, keep_last=0, find_unused_parameters=True,
                       callbacks=[StopOnRank1()], log_every=2)
     state = trainer.fit()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lossless_trainer import Trainer, write_summary
 from lossless_trainer.checkpoint import CheckpointError, save_atomic
-from lossless_trainer.distributed import MAX_VOTE_STEPS, combine_totals
+from lossless_trainer.distributed import MAX_VOTE_STEPS, _WindowLayout, combine_totals
 
 SCRIPT = Path(__file__).resolve().parent / "dist_script.py"
 
@@ -64,6 +64,13 @@ def test_ddp_two_ranks_equal_one_process_with_the_double_batch(tmp_path):
         # The tiny model's gradients fit in one bucket: one all-reduce per optimizer step,
         # so no_sync held back the first micro-batch of every accumulated step.
         assert rank0["allreduces"] == 12, name
+        # Read on rank 0 alone after the logging hook, a record is its step's, though
+        # the ranks combine it while the next step runs; except where the evaluation's
+        # results are new tags, whose layout the ranks agree on at the next step.
+        assert rank0["reads"] == [(step, step - (step == 6)) for step in range(1, 13)], name
+        assert rank1["reads"] == []
+        # A checkpoint put its step's record on disk before it was written.
+        assert rank0["on_disk"] == [4, 8], name
 
     log = read_metrics(str(out / "plain"))
     assert [r["step"] for r in log] == list(range(1, 13))
@@ -107,10 +114,11 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
     for record in read_metrics(str(out / "aux")):  # rank 1's own key counts on rank 0
         assert math.isclose(record["loss/total"],
                             record["loss/mse"] + record["loss/aux"] / 2, rel_tol=1e-6)
-    # Rank 1 alone asked to stop after step 3: both ranks stopped together at the next
-    # flush (log_every=2), the same step in every run.
-    assert load(out, "stop", 0) == {"step": 4, "reason": "stopped on another rank"}
-    assert load(out, "stop", 1) == {"step": 4, "reason": "rank 1 asked"}
+    # Rank 1 alone asked to stop after step 3: the next flush (log_every=2, step 4) sent
+    # it, and both ranks stopped together at the step after it, where the flush's
+    # windows are combined: the same step in every run.
+    assert load(out, "stop", 0) == {"step": 5, "reason": "stopped on another rank"}
+    assert load(out, "stop", 1) == {"step": 5, "reason": "rank 1 asked"}
     # A SIGTERM on rank 1 alone after step 5, no flush before step 1000: the vote, every
     # few steps (how many depends on the step time), stops both at the same step, within
     # twice the longest interval.
@@ -279,6 +287,57 @@ def test_combine_totals_names_the_first_bad_step_and_its_rank():
     values, nonfinite = combine_totals([rank0, rank1, rank2])
     assert nonfinite == {"loss": (7, 1), "m": (9, 1)}
     assert math.isnan(values["loss"][0]) and math.isnan(values["m"][0])  # max keeps NaN
+
+
+def test_the_flush_tensor_layout_gives_what_the_object_gather_gives():
+    """Two ranks' flushes through `_WindowLayout`, as `reduce_totals` runs it: the first
+    window, and any window with a new tag, other reductions or another share, misfits
+    and is gathered as objects; a window that fits combines to the same values, counts,
+    first bad steps and shares from the float64 rows alone."""
+    nan = float("nan")
+    layouts = [_WindowLayout(), _WindowLayout()]
+
+    def flush(windows):
+        rows = [layout.pack(*window) for layout, window in zip(layouts, windows)]
+        if any(row[0] for row in rows):
+            for layout, (_, modes, share) in zip(layouts, windows):
+                layout.agree(windows, modes, share)
+            return "objects", None
+        unpacked = [layout.unpack(rows) for layout in layouts]
+        assert unpacked[0] == unpacked[1]
+        shares = [(value, bool(row[1])) for value, row in zip(layouts[0].shares, rows)]
+        return combine_totals(unpacked[0]), shares
+
+    keys = (["mse"], [])
+    first = [({"loss/mse": (2.5, 2, None), "n": (4.0, 2, None)}, {"n": "sum"}, (keys, False)),
+             ({"loss/mse": (1.0, 2, None), "aux": (3.0, 1, None)}, {"n": "sum"},
+              (keys, False))]
+    assert flush(first)[0] == "objects"  # nothing agreed yet
+    assert list(layouts[0].index) == ["loss/mse", "n", "aux"] == list(layouts[1].index)
+    # Fits: a tag missing on a rank, a NaN with its step, a stop asked on rank 1, an
+    # exact float sum and a Mean's fractional count.
+    window = [({"loss/mse": (0.1 + 0.2, 2, None), "n": (nan, 2, 7)}, {"n": "sum"},
+               (keys, False)),
+              ({"loss/mse": (1e-17, 2.5, None)}, {"n": "sum"}, (keys, True))]
+    (values, nonfinite), shares = flush(window)
+    expected = combine_totals([(t, m) for t, m, _ in window])[0]
+    assert values["loss/mse"] == expected["loss/mse"] == (math.fsum([0.1 + 0.2, 1e-17]) / 4.5, 4.5)
+    assert math.isnan(values["n"][0]) and values["n"][1] == 2
+    assert nonfinite == {"n": (7, 0)}
+    assert shares == [(keys, False), (keys, True)]
+    # Misfits, each then agreed: a new tag, a reduction changed, a new share value.
+    plain = ({"loss/mse": (1.0, 1, None)}, {"n": "sum"}, (keys, False))
+    new_keys = (["mse", "aux"], [])
+    for windows in ([({"loss/mse": (1.0, 1, None), "new": (1.0, 1, None)}, {"n": "sum"},
+                      (keys, False)), plain],
+                    [plain, ({"loss/mse": (1.0, 1, None)}, {"n": "max"}, (keys, False))],
+                    [({"loss/mse": (1.0, 1, None)}, {"n": "sum"}, (new_keys, False)),
+                     ({"loss/mse": (1.0, 1, None)}, {"n": "max"}, (keys, False))]):
+        assert flush(windows)[0] == "objects"
+        (values, _), shares = flush(windows)  # now agreed: it fits
+        assert values == combine_totals([(t, m) for t, m, _ in windows])[0]
+        assert shares == [(share, False) for _, _, (share, _) in windows]
+    assert "new" in layouts[0].index  # grown by the new tag
 
 
 def test_reduce_is_checked_and_a_tag_keeps_one_reduction(tmp_path):
