@@ -273,7 +273,8 @@ class LoggingHook(Hook):
         published at the next `after_step` (or sooner: when `trainer.last_summary` is
         read, or at a checkpoint)."""
         sink = trainer.sink
-        elapsed = time.perf_counter() - self._window_start
+        now = time.perf_counter()  # the next window starts now: its time covers this flush
+        elapsed = now - self._window_start
         rates = []  # (tag, value, how ranks combine it): the whole job's throughput
         if elapsed > 0 and self._window_steps:
             rates.append(("perf/steps_per_sec", self._window_steps / elapsed, "max"))
@@ -287,7 +288,7 @@ class LoggingHook(Hook):
         lrs = {"lr": float(groups[0]["lr"])} if len(groups) == 1 else {
             f"lr/{group.get('name', f'group{i}')}": float(group["lr"])
             for i, group in enumerate(groups)}
-        self._window_start = time.perf_counter()
+        self._window_start = now
         self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None
         if not trainer.dist.enabled:

@@ -184,6 +184,15 @@ class SummaryRecord:
     shared: list[Any] = field(default_factory=list)
     others: list[tuple[str, str, Any, int]] = field(default_factory=list)
 
+    @classmethod
+    def empty(cls, step: int) -> SummaryRecord:
+        """A record of `step` with nothing in it yet (cheaper than the generated
+        ``__init__`` with its six default factories: one is made per flush)."""
+        record = object.__new__(cls)
+        record.__dict__.update(step=step, scalars={}, counts={}, nonfinite={},
+                               nonfinite_ranks={}, shared=[], others=[])
+        return record
+
     def copy(self) -> SummaryRecord:
         """A shallow copy with a scalars dict of its own (cheaper than
         `dataclasses.replace`: a writer thread takes one at every flush)."""
@@ -482,6 +491,11 @@ class SummarySink:
             share: A small picklable value that travels with this process's window to
                 the others (in the same gather) and comes back as `SummaryRecord.shared`.
         """
+        if (self.reducer is None and self._folded is None and not self._weights
+                and len(self._plain) == len(self._tags)):
+            record = SummaryRecord.empty(self.step if step is None else step)
+            self._flush_plain(record)  # the common case: plain scalars on one process
+            return record
         return self.flush_started(step, share)()  # type: ignore[return-value]
 
     def flush_started(self, step: int | None = None, share: Any = None
@@ -492,12 +506,8 @@ class SummarySink:
         for the others at the flush; completing waits for what is left of it. Where not
         every rank completes its record (a hook on one rank reads it), complete it with
         ``objects=False``: None if the ranks must first gather the windows as objects."""
-        record = SummaryRecord(step=self.step if step is None else step)
+        record = SummaryRecord.empty(self.step if step is None else step)
         if self.reducer is None:
-            if (self._folded is None and not self._weights
-                    and len(self._plain) == len(self._tags)):
-                self._flush_plain(record)  # the common case: plain scalars, one process
-                return lambda objects=True: record
             totals = self._totals()
             record.shared = [share]
             for tag, (total, count, first_bad) in totals.items():
@@ -532,6 +542,8 @@ class SummarySink:
 
     def _move_others(self, record: SummaryRecord) -> None:
         """Hand the window's histograms, images and text to `record`, on the CPU."""
+        if not self._others:
+            return
         for kind, tag, value, step in self._others.values():
             if kind == "image":
                 value = (value[0].cpu(), value[1])
@@ -666,10 +678,13 @@ class SummarySink:
             self._py_touched = set()
         if self._mean_first:
             self._mean_first = {}
-        self._values, self._where, self._weights, self._weight_where = [], [], [], []
-        self._stacked, self._stacked_count = [], 0
-        self._mark_at, self._mark_step = [0], [self.step]
-        self._folded = None
+        if self._where or self._weights or self._stacked or self._folded is not None:
+            self._values, self._where, self._weights, self._weight_where = [], [], [], []
+            self._stacked, self._stacked_count = [], 0
+            self._mark_at, self._mark_step = [0], [self.step]
+            self._folded = None
+        # else nothing was kept: the marks are still [0] and the step of any earlier
+        # window, which `_pend` moves to its step at the next value kept.
 
     def _fold(self) -> None:
         """Reduce the pending tensors to per-tag sums on their devices, so memory stays

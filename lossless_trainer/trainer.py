@@ -402,6 +402,7 @@ class Trainer:
         hooks, state, sink, cursor = self.hooks, self.state, self.sink, self.cursor
         prefetch = self._prefetch
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
+        distributed, step_limit = self.dist.enabled, self._step_limit
         # The last step is a summary step too, so media written there are kept.
         last_step = self.total_steps or self._step_limit
         self.model.train()
@@ -428,7 +429,9 @@ class Trainer:
                         state.batch_in_epoch += len(group)
                         for hook in after_step:
                             hook(self)
-                        if self._stopping(between_epochs=False):
+                        # One process has nothing to decide before a request or the limit.
+                        if (distributed or self._stop_request is not None
+                                or step >= step_limit) and self._stopping(between_epochs=False):
                             break  # the epoch stays open: a later fit continues it
                     else:
                         self._end_epoch()

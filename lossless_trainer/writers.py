@@ -499,7 +499,8 @@ class BackgroundWriter:
         self._handed_at = time.monotonic()
 
     def write(self, record: SummaryRecord) -> None:
-        self._raise_pending()
+        if self._error is not None:
+            self._raise_pending()
         # The writer thread reads the record later; hooks may still hold and change it.
         self._buffer.append(record.copy())
         if time.monotonic() - self._handed_at >= self.interval:
