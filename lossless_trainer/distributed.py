@@ -62,6 +62,9 @@ Totals = dict[str, tuple[float, float, int | None]]
 # steps: a signal is agreed within about twice that.
 VOTE_INTERVAL_S = 0.1
 MAX_VOTE_STEPS = 256
+# After an error on this rank, how long a flush's gather in flight is waited for before
+# the rank writes its own window alone.
+FAILED_GATHER_WAIT_S = 2.0
 
 _CONTROL_GROUP: Any = None  # one CPU (gloo) side channel per process, made on first use
 _CHECKPOINT_GROUP: Any = None  # another, for sharded checkpoints (`checkpoint_group`)
@@ -528,7 +531,11 @@ class Distributed:
         def result(objects: bool = True) -> Any:
             """The result; None if it needs the gather as objects and `objects` is false
             (a collective, which only a point every rank reaches may start)."""
-            # After an error on this rank the gather may never complete: not waited for.
+            # After an error on this rank the gather may never complete: waited for a
+            # little (the others' parts travel on their own threads), then not at all.
+            if not self.collectives_ok and not work.is_completed():
+                with contextlib.suppress(Exception):
+                    work.wait(timeout=datetime.timedelta(seconds=FAILED_GATHER_WAIT_S))
             if self.collectives_ok or work.is_completed():
                 work.wait()
                 per_rank = torch.stack(rows).tolist()

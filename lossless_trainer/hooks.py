@@ -272,6 +272,8 @@ class LoggingHook(Hook):
         ranks' windows are combined while the next step runs, and the record is
         published at the next `after_step` (or sooner: when `trainer.last_summary` is
         read, or at a checkpoint)."""
+        if self._landing is not None:  # the flush before: published first, in order
+            self.land()
         sink = trainer.sink
         now = time.perf_counter()  # the next window starts now: its time covers this flush
         elapsed = now - self._window_start
@@ -305,7 +307,7 @@ class LoggingHook(Hook):
             self._share = (list(self._tags), list(self._mean_keys))
         complete = sink.flush_started(trainer.state.step, share=self._share)
         self._landing = (trainer, complete, micro_batches, lrs)
-        trainer.publish_later(self._complete)
+        trainer.publish_later(self._landed_by_trainer)
         if wait:
             self.land()
 
@@ -319,6 +321,12 @@ class LoggingHook(Hook):
         if record is not None:
             _raise_if_nonfinite(record, self._tags)
 
+    def _landed_by_trainer(self, everywhere: bool) -> None:
+        if everywhere:
+            self.land()
+        else:
+            self._complete(objects=False)
+
     def _complete(self, objects: bool) -> None:
         """Complete and publish the record in flight; its non-finite check waits for
         `land`, so that every rank raises at the same step. Without `objects` (a read of
@@ -331,6 +339,7 @@ class LoggingHook(Hook):
         if record is None:
             return
         self._landing = None
+        trainer.publish_later(None)
         known = (len(self._tags), len(self._mean_keys))
         for shared in record.shared:
             keys, mean_keys = shared or ((), ())
@@ -645,13 +654,13 @@ class ProgressHook(Hook):
     def after_step(self, trainer: TrainerView) -> None:
         if self._bar is not None:
             self._bar.update(1)
-        record = trainer.last_summary
+        record = trainer.last_published  # not waiting for a record in flight (torchrun)
         if record is not None and record is not self._seen:
             self._seen = record
             self._show(trainer, record, final=False)
 
     def after_train(self, trainer: TrainerView) -> None:
-        record = trainer.last_summary
+        record = trainer.last_published  # the logging hook (90) published the last one
         if record is not None:
             self._show(trainer, record, final=True)
         if self._bar is not None:

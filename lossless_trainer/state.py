@@ -72,8 +72,10 @@ class Priority:
     6. `PROGRESS` (95): last, so the bar shows the flush of this very step.
 
     To read this step's flush (``trainer.last_summary``) in `after_step`, use a priority
-    above `LOGGING`; to read this step's evaluation, one between `EVALUATION` and
-    `LOGGING`.
+    above `LOGGING` (under torchrun, at a flush that brings a tag new to the run, such
+    as the first evaluation's, it is still the previous flush there: the ranks agree on
+    the new tag at the next step); to read this step's evaluation, one between
+    `EVALUATION` and `LOGGING`.
     """
 
     DEFAULT = 50
@@ -122,6 +124,9 @@ class TrainerView(Protocol):
         total_loss: The sum of `losses`, a `Mean` counted as its batch mean
             (``total / count``): a device tensor.
         last_summary: The latest flushed `SummaryRecord` (scalars as plain floats).
+        last_published: The latest record handed to the writers: `last_summary`,
+            except that under torchrun it does not wait for the record of a flush whose
+            windows are still being combined (until the next step).
         last_eval: The latest `evaluate` results, or None.
         resumed_from: The checkpoint this run resumed from, or None.
         exception: During `on_exception` and `after_train`, the error `fit` raises.
@@ -147,6 +152,7 @@ class TrainerView(Protocol):
     micro_losses: list[dict[str, torch.Tensor | Mean]]
     total_loss: torch.Tensor | None
     last_summary: SummaryRecord | None
+    last_published: SummaryRecord | None
     last_eval: dict[str, float] | None
     resumed_from: str | None
     exception: BaseException | None
@@ -185,7 +191,7 @@ class TrainerView(Protocol):
         """Hand a flushed record to the writers and make it `last_summary`."""
         ...
 
-    def publish_later(self, publish: Callable[[bool], None]) -> None:
+    def publish_later(self, publish: Callable[[bool], None] | None) -> None:
         """A record still being combined across ranks: `publish(everywhere)` publishes
         it (`everywhere`: every rank calls it at this point)."""
         ...

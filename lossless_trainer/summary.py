@@ -519,7 +519,7 @@ class SummarySink:
             self._move_others(record)
             return lambda objects=True: record
         stop = self._stop_requested is not None and self._stop_requested()
-        reduced = self.reducer(self._totals(), self._modes, (share, stop))
+        reduced = self.reducer(self._totals(), dict(self._modes), (share, stop))
         self._move_others(record)
 
         def complete(objects: bool = True) -> SummaryRecord | None:

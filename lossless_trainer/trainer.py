@@ -435,6 +435,8 @@ class Trainer:
                             break  # the epoch stays open: a later fit continues it
                     else:
                         self._end_epoch()
+                if self._on_read is not None:  # the last flush's record, and its NaN check
+                    self._on_read(True)
                 self._means.check()  # what the count check found since the last flush
             except BaseException as exc:
                 first = self._fail(exc)
@@ -606,19 +608,26 @@ class Trainer:
             self._on_read(False)  # this rank alone: no collective
         return self._last_summary
 
+    @property
+    def last_published(self) -> SummaryRecord | None:
+        """The latest record handed to the writers, without waiting for one in flight
+        (for the progress bar: under torchrun a record in flight is published at the
+        next step)."""
+        return self._last_summary
+
     def publish(self, record: SummaryRecord) -> None:
         """Hand a flushed record to the writers and make it `last_summary`. The logging
         hook calls it at every flush; a record is written once, in step order."""
-        self._on_read = None
         self._last_summary = record
         if self.writers is not None:
             self.writers.write(record)
 
-    def publish_later(self, publish: Callable[[bool], None]) -> None:
+    def publish_later(self, publish: Callable[[bool], None] | None) -> None:
         """A flush's record is still being combined across ranks: `publish(everywhere)`
         completes and publishes it, where `everywhere` says whether every rank calls it
-        at this point (then it may start a collective). Called by the logging hook, when
-        `last_summary` is read, and before a checkpoint."""
+        at this point (then it may start a collective, and raise for a NaN loss). Called
+        when `last_summary` is read, before the optimizer steps again, before a
+        checkpoint and at the end of the loop. None: it was published."""
         self._on_read = publish
 
     def _close_writers(self) -> list[BaseException]:
@@ -662,6 +671,8 @@ class Trainer:
             per_batch.append(losses)
         if means is not None and (self.sink.flush_due or self.finite_check == "step"):
             means.check()  # count_items against the forwards' counts: one read per flush
+        if self._on_read is not None:  # under torchrun, the last flush's record (and its
+            self._on_read(True)        # NaN check) lands before the optimizer steps again
         precision = self.precision
         precision.unscale(self.optimizer)
         for hook in self._after_backward:

@@ -297,17 +297,30 @@ def optional(out: str) -> None:
             self.step += 1
             return losses
 
+    class SeesFailure(Hook):
+        failed = None
+
+        def on_exception(self, trainer, exc):
+            self.failed = type(exc).__name__
+
     nonfinite = {}
-    for check in ("flush", "step"):
+    # "last": the NaN is in the window of the last step, whose record lands after the
+    # loop; it fails the fit as any other does.
+    for check, steps in (("flush", 6), ("step", 6), ("last", 4)):
         model = NaNOnRank1()
         model.register_buffer("step", torch.ones((), dtype=torch.long))
+        sees = SeesFailure()
+        trainer = Trainer(model, data, max_steps=steps, log_every=4,
+                          finite_check="step" if check == "step" else "flush",
+                          log_dir=os.path.join(out, f"nan-{check}"), progress=False,
+                          keep_last=0, callbacks=[sees])
         try:
-            Trainer(model, data, max_steps=6, log_every=4, finite_check=check,
-                    log_dir=os.path.join(out, f"nan-{check}"), progress=False,
-                    keep_last=0).fit()
+            trainer.fit()
             nonfinite[check] = None
         except NonFiniteLossError as exc:
             nonfinite[check] = str(exc)
+        nonfinite[f"{check}_at"] = [trainer.state.step, sees.failed,
+                                    type(trainer.exception).__name__]
     save(out, "nonfinite", nonfinite)
 
     # A loss key only rank 1 has: in loss/total on rank 0 too, and its NaN stops both.

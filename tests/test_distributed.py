@@ -144,6 +144,11 @@ def test_optional_losses_train_under_ddp_and_stops_are_agreed(tmp_path):
         assert "at the flush of step 4" in nonfinite["flush"]
         assert "at step 3: rank 1: 'mse'" in nonfinite["step"]
         assert "The optimizer did not step" in nonfinite["step"]
+        # The flush of step 4 found it; its record landed at step 5, before the
+        # optimizer stepped again: the run ended after step 4, through on_exception.
+        assert nonfinite["flush_at"] == [4, "NonFiniteLossError", "NonFiniteLossError"]
+        assert "'mse' first at step 3 on rank 1" in nonfinite["last"]
+        assert nonfinite["last_at"] == [4, "NonFiniteLossError", "NonFiniteLossError"]
     writers = load(out, "writers", 0), load(out, "writers", 1)
     assert writers[0]["open"] == "OSError: the tracking server is down"
     assert writers[1]["open"].startswith("RuntimeError: rank 0 could not open the summary")
