@@ -513,17 +513,19 @@ class Distributed:
             share: ``(value, stop)``: a small picklable value, and whether this rank asks
                 to stop; they come back by rank as the third result.
         """
-        own = (totals, modes)
-        if not self.collectives_ok:  # after an error: this rank's own window, unreduced
-            alone = (*combine_totals([own], ranks=[self.rank]), [share])
-            return lambda objects=True: alone
-        layout = self._layout
-        if not layout.index:  # the first flush: every rank knows it gathers objects
+        def alone() -> Any:  # after an error: this rank's own window, unreduced
+            return (*combine_totals([(totals, modes)], ranks=[self.rank]), [share])
+
+        def as_objects() -> Any:  # every rank's whole window; the layout agreed from them
             gathered = self.all_gather((totals, modes, share))
-            layout.agree(gathered, modes, share)
-            first = (*combine_totals([(t, m) for t, m, _ in gathered]),
-                     [s for _, _, s in gathered])
-            return lambda objects=True: first
+            self._layout.agree(gathered, modes, share)
+            return (*combine_totals([(t, m) for t, m, _ in gathered]),
+                    [s for _, _, s in gathered])
+
+        layout = self._layout
+        if not self.collectives_ok or not layout.index:  # the first flush: as objects
+            done = alone() if not self.collectives_ok else as_objects()
+            return lambda objects=True: done
         packed = torch.tensor(layout.pack(totals, modes, share), dtype=torch.float64)
         rows = [torch.empty_like(packed) for _ in range(self.world_size)]
         work = dist.all_gather(rows, packed, group=_control_group(), async_op=True)
@@ -531,26 +533,22 @@ class Distributed:
         def result(objects: bool = True) -> Any:
             """The result; None if it needs the gather as objects and `objects` is false
             (a collective, which only a point every rank reaches may start)."""
-            # After an error on this rank the gather may never complete: waited for a
-            # little (the others' parts travel on their own threads), then not at all.
-            if not self.collectives_ok and not work.is_completed():
+            if not self.collectives_ok:
+                # After an error on this rank the gather may never complete: waited for
+                # a little (the others' parts travel on their own threads), then not.
                 with contextlib.suppress(Exception):
                     work.wait(timeout=datetime.timedelta(seconds=FAILED_GATHER_WAIT_S))
-            if self.collectives_ok or work.is_completed():
-                work.wait()
-                per_rank = torch.stack(rows).tolist()
-                if not any(row[0] for row in per_rank):
-                    return (*combine_totals(layout.unpack(per_rank)),
-                            [(value, bool(row[1])) for value, row in zip(layout.shares,
-                                                                          per_rank)])
-                if not objects and self.collectives_ok:
-                    return None
-                if self.collectives_ok:  # a window does not fit: gathered as objects
-                    gathered = self.all_gather((totals, modes, share))
-                    layout.agree(gathered, modes, share)
-                    return (*combine_totals([(t, m) for t, m, _ in gathered]),
-                            [s for _, _, s in gathered])
-            return (*combine_totals([own], ranks=[self.rank]), [share])
+                if not work.is_completed():
+                    return alone()
+            work.wait()
+            per_rank = torch.stack(rows).tolist()
+            if not any(row[0] for row in per_rank):
+                return (*combine_totals(layout.unpack(per_rank)),
+                        [(value, bool(row[1])) for value, row in zip(layout.shares,
+                                                                      per_rank)])
+            if not self.collectives_ok:  # a window does not fit, and no collective now
+                return alone()
+            return as_objects() if objects else None
 
         return result
 

@@ -843,11 +843,12 @@ def _earliest(a: int | None, b: int) -> int:
 
 
 # Starts combining a window's scalar totals across processes, ({tag: (sum, count,
-# first_bad)}, {tag: mode}, share), and returns what waits for the result:
+# first_bad)}, {tag: mode}, share), and returns what waits for the result, called with
+# objects=False where a collective may not start (then None if one is needed):
 # ({tag: (value, count)}, {tag: (first_bad, rank)}, [share by rank]).
 Reducer = Callable[[dict[str, tuple[float, float, "int | None"]], dict[str, str], Any],
-                   Callable[[], tuple[dict[str, tuple[float, float]],
-                                      dict[str, tuple[int, int]], list[Any]]]]
+                   Callable[..., "tuple[dict[str, tuple[float, float]], "
+                                 "dict[str, tuple[int, int]], list[Any]] | None"]]
 
 
 def _kept(value: torch.Tensor) -> torch.Tensor:

@@ -404,7 +404,7 @@ class Trainer:
         before_step, after_step = hooks.bound("before_step"), hooks.bound("after_step")
         distributed, step_limit = self.dist.enabled, self._step_limit
         # The last step is a summary step too, so media written there are kept.
-        last_step = self.total_steps or self._step_limit
+        last_step = self.total_steps or step_limit
         self.model.train()
         self.writers = self._open_writers(state.step)
         with sink.activate(), stop_on_signals(self.handle_signals, self._on_signal):
