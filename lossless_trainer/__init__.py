@@ -14,6 +14,7 @@ from .errors import (
 )
 from .evaluation import Accuracy, Evaluator, MeanSquaredError
 from .hooks import BestCheckpoint, EarlyStopping, Hook
+from .loop import TrainerBase
 from .means import Mean
 from .model import Model, WithLoss
 from .state import Priority, TrainerView, TrainState
@@ -39,6 +40,7 @@ __all__ = [
     "SummaryRecord",
     "TrainState",
     "Trainer",
+    "TrainerBase",
     "TrainerView",
     "WithLoss",
     "is_summary_step",

@@ -222,46 +222,49 @@ class Distributed:
             return state
         return {**state, **state["ranks"][self.rank]}
 
-    def model_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                              ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The model's and the optimizer's state dicts. Under FSDP, full and unsharded,
-        gathered to rank 0's CPU (a collective: every rank calls it), so the file does
-        not depend on the number of processes and loads into the plain model."""
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        """The model's state dict. Under FSDP, full and unsharded, gathered to rank 0's
+        CPU (a collective: every rank calls it), so the file does not depend on the
+        number of processes and loads into the plain model."""
         if self.strategy != "fsdp":
-            return model.state_dict(), optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=options),
-                get_optimizer_state_dict(model, optimizer, options=options))
+        return get_model_state_dict(model, options=_full_options())
 
-    def load_model_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                                   model_state: dict[str, Any],
-                                   optimizer_state: dict[str, Any]) -> None:
-        """Load what `model_optimizer_state` returned. Under FSDP, rank 0 holds the full
-        state (see `read_checkpoint`) and sends each rank its shards, tensor by tensor."""
+    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
+                        ) -> dict[str, Any]:
+        """The state dict of `optimizer`, over some or all of `model`'s parameters. Under
+        FSDP, full and keyed by parameter name, gathered to rank 0's CPU (a collective)."""
         if self.strategy != "fsdp":
-            model.load_state_dict(model_state)
-            optimizer.load_state_dict(optimizer_state)
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=_full_options())
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Load what `model_state` returned. Under FSDP, rank 0 holds the full state (see
+        `read_checkpoint`) and sends each rank its shards, tensor by tensor."""
+        if self.strategy != "fsdp":
+            model.load_state_dict(state)
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, model_state, options=options)
-        has_state = optimizer_state.get("has_state", bool(optimizer_state.get("state")))
-        if has_state:
-            set_optimizer_state_dict(model, optimizer,
-                                     optimizer_state if self.is_main else {}, options=options)
+        set_model_state_dict(model, state, options=_full_options(broadcast=True))
+
+    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any]) -> None:
+        """Load what `optimizer_state` returned (under FSDP, from rank 0's full state)."""
+        if self.strategy != "fsdp":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        if state.get("has_state", bool(state.get("state"))):
+            set_optimizer_state_dict(model, optimizer, state if self.is_main else {},
+                                     options=_full_options(broadcast=True))
         else:  # a stateless optimizer (plain SGD), which torch's loader cannot place
-            for group, saved in zip(optimizer.param_groups, optimizer_state["param_groups"]):
+            for group, saved in zip(optimizer.param_groups, state["param_groups"]):
                 group.update({k: v for k, v in saved.items() if k != "params"})
 
     def read_checkpoint(self, path: str, preloaded: dict[str, Any] | None,
@@ -271,7 +274,7 @@ class Distributed:
         Without FSDP every rank reads the whole file (rank 0 may pass it `preloaded`).
         Under FSDP only rank 0 holds the full state in memory; the others get its small
         part here (counters, the per-rank RNG and data states) and their shards of the
-        model and optimizer from rank 0 in `load_model_optimizer_state`.
+        model and optimizer from rank 0 in `load_model_state` and `load_optimizer_state`.
         """
         if self.strategy != "fsdp":
             return preloaded if preloaded is not None else load(path)
@@ -484,6 +487,21 @@ class Distributed:
         self._next_vote = step + self._vote_every
         return False
 
+    def require_collectives(self) -> None:
+        """Refuse a fit on a rank that failed before: the other ranks cannot be trusted
+        to be in step with it."""
+        if self.enabled and not self.collectives_ok:
+            raise RuntimeError("an earlier fit failed on this rank; the other ranks cannot "
+                               "be trusted to be in step with it. Restart the job to resume")
+
+    def stop_collectives(self, exc: BaseException | None = None) -> None:
+        """This rank failed (`exc`, which gets a note naming the rank) or left the others
+        out of step: it starts no collective any more, so teardown cannot wait forever
+        for ranks blocked elsewhere; its error surfaces and torchrun stops the job."""
+        self.collectives_ok = False
+        if self.enabled and exc is not None and hasattr(exc, "add_note"):
+            exc.add_note(f"[lossless_trainer] on rank {self.rank} of {self.world_size}")
+
     def end_votes(self) -> None:
         """Collect the outstanding vote, so the next `fit` starts clean."""
         if self._stop_work is not None and self.collectives_ok:
@@ -690,6 +708,16 @@ class _WindowLayout:
         self.modes = [dict(rank_modes) for _, rank_modes, _ in gathered]
         self.shares = [rank_share[0] for _, _, rank_share in gathered]
         self._modes, self._share = dict(modes), share[0]
+
+
+def _full_options(broadcast: bool = False) -> Any:
+    """Options for torch's state-dict functions under FSDP: full tensors, on rank 0's CPU
+    when saving, sent from rank 0 when loading."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if broadcast:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _is_instance_of(classes: Any) -> Callable[[nn.Module], bool]:

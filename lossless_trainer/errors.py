@@ -50,3 +50,18 @@ class StorageError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+def first_cause(exc: BaseException, later: list[BaseException]) -> BaseException:
+    """What a failing fit raises: `exc`, unless the teardown after it found a loss that
+    went NaN or Inf before it (among `later`, the teardown's errors: the last flush's
+    check). With ``finite_check="flush"`` a NaN loss shows first as NaN weights at a
+    checkpoint, or as a model's failure on them: the first cause wins, `exc` noted."""
+    cause = next((e for e in later if isinstance(e, NonFiniteLossError)), None)
+    named = isinstance(exc, NonFiniteLossError) and exc.first_steps  # names its losses
+    if cause is None or named or not isinstance(exc, Exception):
+        return exc
+    if hasattr(cause, "add_note"):
+        cause.add_note("[lossless_trainer] raised instead of the later failure it led "
+                       f"to: {type(exc).__name__}: {exc}")
+    return cause

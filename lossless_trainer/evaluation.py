@@ -9,8 +9,9 @@ evaluation and writes them under ``eval/``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 import torch.utils._pytree as pytree
@@ -19,8 +20,11 @@ from .data import Selector, move_to_device, select
 from .precision import Precision
 from .summary import SummarySink
 
+if TYPE_CHECKING:
+    from .distributed import Distributed
+
 __all__ = ["Accuracy", "Evaluator", "MeanSquaredError", "TorchMetric", "as_evaluator",
-           "merge_results", "run_evaluation"]
+           "evaluate_in_run", "merge_results", "run_evaluation"]
 
 
 @runtime_checkable
@@ -301,3 +305,26 @@ def merge_results(results: dict[str, float], summaries: dict[str, float]) -> dic
         raise ValueError(f"{key!r} is both an evaluator key and a write_summary tag in "
                          "eval mode; rename one")
     return {**results, **summaries}
+
+
+def evaluate_in_run(model: torch.nn.Module, data: Iterable[Any] | None,
+                    evaluators: Sequence[Evaluator], device: torch.device,
+                    precision: Precision, dist: Distributed,
+                    rng_kept: Callable[[], AbstractContextManager[Any]]) -> dict[str, float]:
+    """An evaluation within a training run (`TrainerBase.evaluate`): `run_evaluation`
+    with the run's RNG draws undone (`rng_kept`), so a run with evaluation trains exactly
+    as one without, and under torchrun rank 0's results on every rank (every rank
+    evaluated the same data; rank 0's numbers make every rank decide alike, early
+    stopping or the best checkpoint, even if results differ in the last bit).
+
+    Returns:
+        The evaluators' results and the model's averaged summaries, merged.
+
+    Raises:
+        ValueError: there is no data, or the results clash (`merge_results`).
+    """
+    if data is None:
+        raise ValueError("evaluate() needs data: pass it, or eval_data= to the Trainer")
+    with rng_kept():
+        results, summaries = run_evaluation(model, data, evaluators, device, precision)
+    return merge_results(*dist.broadcast((results, summaries)))

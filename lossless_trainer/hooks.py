@@ -286,7 +286,7 @@ class LoggingHook(Hook):
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
         micro_batches = self._window_micro * trainer.dist.world_size
-        groups = trainer.optimizer.param_groups
+        groups = () if trainer.optimizer is None else trainer.optimizer.param_groups
         lrs = {"lr": float(groups[0]["lr"])} if len(groups) == 1 else {
             f"lr/{group.get('name', f'group{i}')}": float(group["lr"])
             for i, group in enumerate(groups)}

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .data import Selector, move_to_device, select
-from .errors import ModelOutputError
+from .errors import ModelOutputError, NonFiniteLossError
 from .means import Mean
 from .summary import summaries_off
 
-__all__ = ["Model", "WithLoss", "check_losses"]
+__all__ = ["Model", "WithLoss", "call_error", "check_finite", "check_losses"]
 
 
 class Model(nn.Module):
@@ -187,6 +187,46 @@ def call_failed(where: str, batch: Any, step: int, error: BaseException) -> str:
         "lossless_trainer.adapters.HuggingFace(model) calls model(**batch) (Hugging Face), "
         "adapters.Torchvision(model) calls model(images, targets) (torchvision detection), "
         "WithLoss(net, loss_fn, inputs=..., targets=...) feeds a network and a loss function"
+    )
+
+
+def call_error(exc: Exception, batch: Any, step: int, first_step: int, where: str,
+               dist: Any, model: nn.Module) -> BaseException:
+    """What to raise for `exc`, raised by the model's call at `step`: DDP's error about
+    parameters without a gradient, made clear (`Distributed.explain`); at the first step
+    of a fit, how the model was called (`call_failed`, most often a calling
+    convention); otherwise `exc` itself."""
+    if isinstance(exc, RuntimeError):
+        explained = dist.explain(exc, step, model)
+        if explained is not exc:
+            return explained
+    if step == first_step and not isinstance(exc, ModelOutputError):
+        return ModelOutputError(call_failed(where, batch, step, exc))
+    return exc
+
+
+def check_finite(losses: Mapping[str, Any], total: torch.Tensor, step: int, dist: Any) -> None:
+    """``finite_check="step"``: raise `NonFiniteLossError` if `total`, the step's
+    objective, is NaN or Inf, before the optimizer steps on it. One sync; under torchrun
+    a collective, and every rank raises together, naming each rank's non-finite losses.
+    """
+    finite = bool(torch.isfinite(total))
+    if dist.enabled:  # every rank stops together, or the others would hang
+        if not dist.any(not finite):
+            return
+    elif finite:
+        return
+    bad = {key: step for key, loss in losses.items()
+           if not bool(torch.isfinite(loss.total if type(loss) is Mean else loss))}
+    where = ", ".join(repr(key) for key in bad) or "the total"
+    if dist.enabled:
+        per_rank = dist.all_gather(None if finite else sorted(bad))
+        where = "; ".join(f"rank {rank}: {', '.join(map(repr, keys)) or 'the total'}"
+                          for rank, keys in enumerate(per_rank) if keys is not None)
+    raise NonFiniteLossError(
+        f"non-finite loss (NaN or Inf) at step {step}: {where}. The optimizer did not "
+        "step; the weights are those of the previous step",
+        bad,
     )
 
 

@@ -1,7 +1,8 @@
-"""The Trainer's options: checking them before anything is built, building the optimizer
-and the scheduler, and naming a fresh run directory.
+"""The options of `TrainerBase` and `Trainer`: checking them before anything is built,
+building the optimizer and the scheduler, and naming a fresh run directory.
 
-`check_options` runs first, before the model moves or a file is written; the builders
+`check_step_options` and `check_options` run first, before the model moves or a file is
+written; the builders
 check what can only be checked once the model is placed. Every error says which option
 was wrong, what it got and what would work.
 """
@@ -20,17 +21,18 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .data import is_one_shot
 
-__all__ = ["build_optimizer", "build_scheduler", "check_options", "check_strategy",
+__all__ = ["build_optimizer", "build_scheduler", "check_options", "check_step_options",
+           "check_strategy",
            "epoch_limit", "fresh_run_dir", "planned_steps", "step_limit"]
 
 
 def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log_every: Any,
                   checkpoint_every: Any, grad_accum_steps: Any, eval_every: Any,
-                  eval_data: Any, clip_grad_norm: Any, clip_grad_value: Any, keep_last: Any,
-                  resume: Any, finite_check: Any, compile: Any,  # noqa: A002
-                  batch_size: Any = None, async_checkpoint: Any = False,
-                  checkpoint_format: Any = "auto", prefetch: Any = "auto") -> None:
-    """Raise `TypeError`/`ValueError` for the first option that cannot work."""
+                  eval_data: Any, keep_last: Any, resume: Any, batch_size: Any = None,
+                  async_checkpoint: Any = False, checkpoint_format: Any = "auto",
+                  prefetch: Any = "auto") -> None:
+    """Raise `TypeError`/`ValueError` for the first of the loop's options (`TrainerBase`)
+    that cannot work."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(data, Iterable):
@@ -45,11 +47,6 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
     _check_positive("grad_accum_steps", grad_accum_steps)
     if eval_every is not None and eval_data is None:
         raise ValueError("eval_every is set but there is no eval_data to evaluate on")
-    for name, clip in (("clip_grad_norm", clip_grad_norm),
-                       ("clip_grad_value", clip_grad_value)):
-        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                                 or not clip > 0):
-            raise ValueError(f"{name} must be a positive number, got {clip!r}")
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be an int >= 0, got {keep_last!r}")
     if keep_last == 0 and checkpoint_every is not None:
@@ -66,17 +63,28 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
                          f"{checkpoint_format!r}")
     if prefetch not in ("auto", True, False) or type(prefetch) not in (str, bool):
         raise ValueError(f"prefetch must be 'auto', True or False, got {prefetch!r}")
-    if finite_check not in ("flush", "step"):
-        raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
-    if compile and not isinstance(compile, (bool, dict)):
-        raise TypeError(f"compile must be a bool or a dict of torch.compile options, "
-                        f"got {type(compile).__name__}")
     if is_one_shot(data) and max_epochs is not None and max_epochs > 1:
         raise ValueError(
             f"data is a one-shot iterator ({type(data).__name__}) and can only be read "
             f"once, but max_epochs={max_epochs}. Pass a re-iterable (a list, a "
             "DataLoader, or an object whose __iter__ starts a new pass), or use max_steps"
         )
+
+
+def check_step_options(*, clip_grad_norm: Any, clip_grad_value: Any, finite_check: Any,
+                       compile: Any) -> None:  # noqa: A002
+    """Raise `TypeError`/`ValueError` for the first of the standard step's options
+    (`Trainer`) that cannot work."""
+    for name, clip in (("clip_grad_norm", clip_grad_norm),
+                       ("clip_grad_value", clip_grad_value)):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                 or not clip > 0):
+            raise ValueError(f"{name} must be a positive number, got {clip!r}")
+    if finite_check not in ("flush", "step"):
+        raise ValueError(f"finite_check must be 'flush' or 'step', got {finite_check!r}")
+    if compile and not isinstance(compile, (bool, dict)):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile options, "
+                        f"got {type(compile).__name__}")
 
 
 def check_strategy(strategy: str | None, optimizer: Any, precision: str) -> None:

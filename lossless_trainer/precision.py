@@ -1,6 +1,7 @@
 """The precision policy: autocast for the forward (and so the model's own loss), and a
-GradScaler for fp16. The one training step calls it; there is no second, AMP copy of
-the step, and hooks and clipping see gradients after unscaling."""
+GradScaler for fp16. Every training step calls it, the Trainer's and a custom one's;
+there is no second, AMP copy of a step, and hooks and clipping see gradients after
+unscaling."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 class Precision:
     """How the step computes: ``"32"`` (no autocast), ``"bf16"`` or ``"fp16"``.
 
-    Assumptions: one optimizer; the forward runs inside `autocast()`; `backward` is
-    called once per micro-batch, then `unscale` once, then `step`.
+    Assumptions: the forward runs inside `autocast()`; `backward` is called once per
+    micro-batch, then `unscale` once with the optimizers about to step, then `step` with
+    them (any number; the fp16 scale is updated once per call). A step that updates
+    different parameters in turn (a GAN's discriminator, then its generator) runs that
+    sequence once per update.
 
     Args:
         mode: ``"32"``, ``"bf16"`` or ``"fp16"``.
@@ -51,20 +55,25 @@ class Precision:
         else:
             self.scaler.scale(loss).backward()
 
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Bring gradients back to their true scale, before hooks and clipping see them."""
+    def unscale(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Bring the gradients of `optimizers` back to their true scale, before hooks and
+        clipping see them."""
         if self.scaler is not None:
-            self.scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step the optimizer; with fp16, skip steps whose gradients are not finite and
-        count them on the device."""
+    def step(self, *optimizers: torch.optim.Optimizer) -> None:
+        """Step `optimizers`; with fp16, skip those whose gradients are not finite, update
+        the scale once, and count a step whose scale went down as skipped, on the
+        device."""
         if self.scaler is None:
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             return
         # get_scale() would sync; compare the scale tensor on the device instead.
         before = self.scaler._scale.clone()  # noqa: SLF001
-        self.scaler.step(optimizer)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
         skipped = (self.scaler._scale < before).to(torch.int64)  # noqa: SLF001
         self.skipped_steps = skipped if self.skipped_steps is None else self.skipped_steps + skipped

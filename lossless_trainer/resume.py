@@ -1,5 +1,5 @@
-"""Resuming exactly: the data position and the RNG states, choosing the checkpoint to
-resume from, seeding, and turning SIGTERM/SIGINT into a clean stop.
+"""Resuming exactly: the data position and the RNG states, seeding, and turning
+SIGTERM/SIGINT into a clean stop. (Which checkpoint to resume from is checkpointer.py's.)
 
 A resumed run must continue bit-identically to one that was never interrupted. That
 needs three things, all owned here:
@@ -12,8 +12,8 @@ needs three things, all owned here:
   DataLoader skips at the batch-sampler level (no sample of the skipped batches is
   loaded), anything else is iterated and the skipped batches thrown away.
 
-`DataCursor` holds the first two and does the third; `Trainer.fit` asks it for the
-open epoch's batches and `Trainer.state_dict` saves its state.
+`DataCursor` holds the first two and does the third; `TrainerBase.fit` asks it for the
+open epoch's batches and `TrainerBase.state_dict` saves its state.
 """
 
 from __future__ import annotations
@@ -25,26 +25,15 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from . import sharded
-from .checkpoint import (
-    CheckpointError,
-    checkpoint_step,
-    list_checkpoints,
-    load_checkpoint,
-    remove_stale_temporaries,
-    set_aside_newer,
-)
-from .data import loader_generators, rebuild_loader, set_epoch
+from .checkpoint import CheckpointError
+from .data import is_one_shot, loader_generators, rebuild_loader, set_epoch
 from .relayout import ListBatches, can_relay, describe, position, remaining_batches
-from .state import logger
-
-if TYPE_CHECKING:
-    from .distributed import Distributed
+from .state import TrainState
 
 __all__ = [
     "DataCursor",
@@ -52,7 +41,6 @@ __all__ = [
     "is_stateful",
     "iterate_resumed_epoch",
     "restore_rng",
-    "resume_from_checkpoint",
     "seed_everything",
     "start_epoch",
     "stop_on_signals",
@@ -115,6 +103,33 @@ class DataCursor:
     def end_epoch(self) -> None:
         """The open epoch's batches ran out."""
         self._open = self._layout = None
+
+    def finish_epoch(self, state: TrainState, max_steps: int | None) -> bool:
+        """The open epoch's batches ran out: count it in `state` and return True (the
+        loop then calls `after_epoch`); or end a one-shot iterator's run, which has
+        nothing left (`stop_reason` ``"data_exhausted"``), and return False.
+
+        Raises:
+            ValueError: the epoch yielded no batch at all.
+        """
+        self.end_epoch()
+        if state.batch_in_epoch == 0:
+            if state.step > 0 and is_one_shot(self.data):
+                if max_steps is not None:
+                    warnings.warn(
+                        f"the data iterator was exhausted after {state.step} steps, before "
+                        f"max_steps={max_steps}", stacklevel=4,
+                    )
+                state.stop_reason = "data_exhausted"
+                return False
+            raise ValueError(
+                f"data yielded no batches in epoch {state.epoch}; check that the "
+                "dataset is not empty (and, for a DataLoader with drop_last=True, that it "
+                "holds at least one full batch)"
+            )
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        return True
 
     def _begin(self, epoch: int, consumed: int) -> Iterator[Any]:
         pending, self._pending = self._pending, None
@@ -400,217 +415,6 @@ def _python_rng_to_plain(state: tuple[Any, ...]) -> dict[str, Any]:
 
 def _python_rng_from_plain(state: dict[str, Any]) -> tuple[Any, ...]:
     return (state["version"], tuple(state["internal"].tolist()), state["gauss"])
-
-
-# -- choosing the checkpoint ------------------------------------------------------------
-
-
-def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
-                           load_state_dict: Callable[[dict[str, Any]], None],
-                           batches_per_epoch: int | None = None,
-                           set_aside: bool = True) -> str | None:
-    """Find the checkpoint `resume` points to and load it with `load_state_dict`.
-
-    With ``"auto"`` the newest checkpoint that verifies is taken: a file (rank 0 loads
-    and verifies it) or a sharded directory (every rank hashes its share of the
-    files); one that fails gets a warning, and the one before it is tried. Every rank
-    then loads the same checkpoint. Checkpoints newer than the one resumed from are set
-    aside (with `set_aside`).
-
-    Args:
-        resume: The Trainer's option: ``"auto"``, False or a path.
-        checkpoint_dir: The run's checkpoint directory.
-        dist: This process's place in the run.
-        load_state_dict: Applies a loaded state (`Trainer.load_state_dict`); for a
-            sharded checkpoint, ``trainer.pt`` with ``"sharded"`` set to its directory.
-        batches_per_epoch: The data's batches per epoch on this rank, when known: a
-            checkpoint's position in the epoch must lie within it (when written by as
-            many processes).
-        set_aside: Rename the checkpoints newer than the one loaded.
-
-    Returns:
-        The path resumed from, or None for a fresh start.
-
-    Raises:
-        CheckpointError: the checkpoint cannot be read or does not fit this run.
-        ValueError: ``resume=False`` in a directory that already holds checkpoints.
-    """
-    found = _choose(resume, checkpoint_dir, dist)
-    if found is None:
-        return None
-    path, state = found
-    same_world = state.get("world_size", 1) == dist.world_size
-    check_counters(state, path, batches_per_epoch if same_world else None)
-    try:
-        load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this run: {exc}. Was it written by a "
-            "different model, optimizer or script?"
-        ) from exc
-    if dist.is_main:
-        logger.warning("resumed from %s at step %d", path, state["trainer"]["step"])
-        if set_aside:
-            for moved in set_aside_newer(checkpoint_dir, state["trainer"]["step"]):
-                logger.warning("set aside %s: it is newer than the checkpoint resumed from",
-                               moved)
-    return path
-
-
-def _choose(resume: Any, checkpoint_dir: str, dist: Distributed
-            ) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint to resume from, verified, and its state for this rank (for a
-    sharded one, its ``trainer.pt``). Every rank calls it and gets the same path."""
-    def listing() -> list[tuple[bool, str]]:
-        remove_stale_temporaries(checkpoint_dir)
-        if resume is False:
-            existing = list_checkpoints(checkpoint_dir)
-            if existing:
-                raise ValueError(
-                    f"resume=False but {checkpoint_dir} already holds {len(existing)} "
-                    "checkpoint(s) of an earlier run; starting fresh there would mix the "
-                    "two runs. Use another log_dir, delete them, or resume"
-                )
-            return []
-        paths = [p for _, p in list_checkpoints(checkpoint_dir)] if resume == "auto" \
-            else [resume]
-        return [(sharded.is_sharded(p), p) for p in reversed(paths)]
-
-    preloaded: dict[str, Any] = {}
-
-    def load_file(path: str) -> str | None:  # rank 0
-        try:
-            preloaded["state"] = load_checkpoint(path)
-        except CheckpointError as exc:
-            return str(exc)
-        return None
-
-    failures = []
-    for directory, path in dist.on_main(listing):
-        problem = sharded.verify(path, dist) if directory \
-            else dist.on_main(lambda: load_file(path))  # noqa: B023 - called at once
-        if problem is None:
-            if directory:
-                return path, sharded.read_small(path)
-            return path, dist.read_checkpoint(path, preloaded.get("state"), load_checkpoint)
-        if resume != "auto":
-            raise CheckpointError(problem)
-        failures.append(problem)
-        if dist.is_main:
-            warnings.warn(f"{problem}; falling back to the previous checkpoint", stacklevel=4)
-    if failures:
-        raise CheckpointError(
-            f"no valid checkpoint in {checkpoint_dir}: " + "; ".join(failures)
-            + f". To start fresh, move {checkpoint_dir} aside or use another log_dir")
-    return None
-
-
-def check_counters(state: dict[str, Any], path: str, batches_per_epoch: int | None) -> None:
-    """Refuse a checkpoint whose counters cannot be true: negative, a step that is not
-    the one its file name says, or a position past the end of the epoch.
-
-    Raises:
-        CheckpointError: naming the field, its value and the file.
-    """
-    counters = state.get("trainer")
-    if not isinstance(counters, dict):
-        raise CheckpointError(f"checkpoint {path} has no trainer counters")
-    for field in ("step", "epoch", "batch_in_epoch"):
-        value = counters.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise CheckpointError(
-                f"checkpoint {path} is inconsistent: trainer.{field} is {value!r}, not a "
-                "count (an int >= 0); the file was not written by this library as it is")
-    named = checkpoint_step(path)
-    if named is not None and named != counters["step"]:
-        raise CheckpointError(
-            f"checkpoint {path} is inconsistent: trainer.step is {counters['step']}, but the "
-            f"file is named for step {named}; it was renamed or its contents replaced. "
-            "Resume from the file of its own step, or pass another one with resume=")
-    if batches_per_epoch is not None and counters["batch_in_epoch"] > batches_per_epoch:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this run's data: trainer.batch_in_epoch is "
-            f"{counters['batch_in_epoch']}, past the end of an epoch of {batches_per_epoch} "
-            "batches; was the data (its size, batch size or number of processes) changed?")
-
-
-def optimizer_record(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's class and, per parameter group, the hyperparameters it was built
-    with, as a checkpoint keeps them (`compare_optimizers` reads them back).
-
-    Taken when the Trainer builds the optimizer, before an lr scheduler changes ``lr``
-    (or, for a scheduler built earlier, from its ``initial_lr``). Implementation flags
-    (`IMPLEMENTATION_FLAGS`) and values that are not plain are left out.
-    """
-    groups = []
-    for group in optimizer.param_groups:
-        values = {key: value for key, value in group.items()
-                  if key not in ("params", "initial_lr", *IMPLEMENTATION_FLAGS)
-                  and _plain(value)}
-        if "initial_lr" in group:
-            values["lr"] = group["initial_lr"]
-        groups.append(values)
-    kind = type(optimizer)
-    return {"class": f"{kind.__module__}.{kind.__qualname__}", "groups": groups}
-
-
-# Options that change how an optimizer computes, not what; not compared (a resumed run
-# keeps the checkpoint's, as Optimizer.load_state_dict does).
-IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
-
-
-def _plain(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_plain(item) for item in value)
-    return value is None or isinstance(value, (bool, int, float, str, torch.Tensor))
-
-
-def compare_optimizers(saved: dict[str, Any] | None, current: dict[str, Any],
-                       has_scheduler: bool) -> list[tuple[int, str, Any, Any]]:
-    """How this run's optimizer differs from the checkpoint's: ``(group, key, saved
-    value, this run's value)`` for every hyperparameter both set differently.
-
-    The rule: a different class, or another number of parameter groups, is refused; a
-    changed hyperparameter is the run's (the caller applies it and warns), except a
-    changed ``lr`` under an lr scheduler, which is refused, as the schedule restored
-    from the checkpoint was built on the old one.
-
-    Raises:
-        ValueError: a difference that is refused, saying what differs.
-    """
-    if saved is None:  # a checkpoint from before optimizer records: nothing to compare
-        return []
-    if saved["class"] != current["class"]:
-        raise ValueError(
-            f"it was written with the optimizer {saved['class']}, and this run's is "
-            f"{current['class']}; their states do not carry over. Use the same optimizer to "
-            "resume, or start a new run (another log_dir) from the model's weights")
-    if len(saved["groups"]) != len(current["groups"]):
-        raise ValueError(
-            f"its optimizer has {len(saved['groups'])} parameter groups, and this run's has "
-            f"{len(current['groups'])}")
-    changes = []
-    for index, (before, now) in enumerate(zip(saved["groups"], current["groups"])):
-        for key in [key for key in now if key in before]:  # in the optimizer's own order
-            if not _same(before[key], now[key]):
-                changes.append((index, key, before[key], now[key]))
-    refused = [c for c in changes if c[1] == "lr"] if has_scheduler else []
-    if refused:
-        group, _, old, new = refused[0]
-        raise ValueError(
-            f"lr of parameter group {group} is {new} in this run and was {old}, but the "
-            "lr_scheduler continues from the checkpoint, whose schedule was built on "
-            f"{old}. Resume with lr={old}, or start a new run (another log_dir) from the "
-            "model's weights with the new schedule")
-    return changes
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.equal(torch.as_tensor(a).cpu(), torch.as_tensor(b).cpu())
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(map(_same, a, b))
-    return a == b
 
 
 # -- signals --------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,11 +53,13 @@ __all__ = [
     "finish",
     "is_sharded",
     "join",
-    "load_into",
+    "load_model",
+    "load_optimizer",
+    "model_state",
+    "optimizer_state",
     "prepare",
     "read_full",
     "read_small",
-    "sharded_state",
     "split",
     "start_write",
     "verify",
@@ -90,109 +92,141 @@ def is_sharded(path: str) -> bool:
 # -- the model's and optimizer's state ---------------------------------------------------
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's and optimizer's state dicts as DCP saves them: each rank's own shards
-    under FSDP (DTensors), full tensors otherwise; the optimizer's keyed by parameter
-    name. A collective under torchrun (every rank calls it).
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's state dict as DCP saves it: each rank's own shards under FSDP
+    (DTensors), full tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model)
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The state dict of `optimizer` (over some or all of `model`'s parameters) as DCP
+    saves it: keyed by parameter name, each rank's own shards under FSDP. A collective
+    under torchrun (every rank calls it).
 
     An optimizer that holds no state yet (before its first step, or a stateless one)
     gives only its hyperparameters: DCP would lay its state out by stepping it once
     with zero gradients, which changes a stateful optimizer (Adam's step count)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     if optimizer.state:
-        return get_state_dict(model, optimizer)
+        return get_optimizer_state_dict(model, optimizer)
     groups = [{k: v for k, v in group.items() if k != "params"}
               for group in optimizer.param_groups]
-    return get_model_state_dict(model), {"state": {}, "param_groups": groups}
+    return {"state": {}, "param_groups": groups}
 
 
-def split(model_state: dict[str, Any], optimizer_state: dict[str, Any]
+def _prefix(key: str) -> str:
+    """Where DCP keeps the tensors of the optimizer state under `key` of a checkpoint
+    (the Trainer's ``"optimizer"``: `_OPTIM`, as it always was)."""
+    return _OPTIM if key == "optimizer" else f"optim:{key}/"
+
+
+def split(state: dict[str, Any], optimizers: Iterable[str] = ("optimizer",)
           ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The tensors DCP writes (flat, keyed `_MODEL`/`_OPTIM`), and what is left:
-    ``{"model": non-tensor entries, "optimizer": {"param_groups", "state": non-tensor
-    entries}}``, which goes to ``trainer.pt``."""
+    """The tensors DCP writes, flat: ``state["model"]``'s under `_MODEL`, and those of
+    the optimizer states under the keys `optimizers` under their `_prefix`; and the
+    rest of `state`, which goes to ``trainer.pt``, with the model's and each
+    optimizer's non-tensor entries in their places (an optimizer's: its
+    ``"param_groups"``, its ``"state"`` without tensors, and its ``"prefix"``)."""
     tensors: dict[str, Any] = {}
     model_rest = {}
-    for key, value in model_state.items():
+    for key, value in state["model"].items():
         if isinstance(value, torch.Tensor):
             tensors[_MODEL + key] = value
         else:
             model_rest[key] = value
-    state_rest: dict[str, dict[str, Any]] = {}
-    for name, entries in optimizer_state.get("state", {}).items():
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{_OPTIM}{name}/{key}"] = value
-            else:
-                state_rest.setdefault(name, {})[key] = value
-    return tensors, {"model": model_rest,
-                     "optimizer": {"param_groups": optimizer_state.get("param_groups", []),
-                                   "state": state_rest}}
+    rest = {**state, "model": model_rest}
+    for key in optimizers:
+        prefix, state_rest = _prefix(key), {}
+        for name, entries in state[key].get("state", {}).items():
+            for entry, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{prefix}{name}/{entry}"] = value
+                else:
+                    state_rest.setdefault(name, {})[entry] = value
+        rest[key] = {"param_groups": state[key].get("param_groups", []), "state": state_rest,
+                     "prefix": prefix}
+    return tensors, rest
 
 
 def join(tensors: dict[str, Any], rest: dict[str, Any]
          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """`split` undone: the model's state dict, and the optimizer's ``"state"`` keyed by
-    parameter name, from DCP's flat tensors and what ``trainer.pt`` kept."""
+    """`split` undone for the model and the Trainer's optimizer: the model's state dict,
+    and the optimizer's ``"state"`` keyed by parameter name, from DCP's flat tensors and
+    what ``trainer.pt`` kept."""
     model = {**rest["model"], **{key[len(_MODEL):]: value for key, value in tensors.items()
                                  if key.startswith(_MODEL)}}
-    state = {name: dict(entries) for name, entries in rest["optimizer"]["state"].items()}
+    return model, _optimizer_entries(tensors, rest["optimizer"], _OPTIM)
+
+
+def _optimizer_entries(tensors: dict[str, Any], rest: dict[str, Any], prefix: str
+                       ) -> dict[str, dict[str, Any]]:
+    state = {name: dict(entries) for name, entries in rest["state"].items()}
     for key, value in tensors.items():
-        if key.startswith(_OPTIM):
-            name, _, entry = key[len(_OPTIM):].rpartition("/")
+        if key.startswith(prefix):
+            name, _, entry = key[len(prefix):].rpartition("/")
             state.setdefault(name, {})[entry] = value
-    return model, state
+    return state
 
 
-def load_into(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-              rest: dict[str, Any], dist: Distributed) -> None:
-    """Load the tensors of the sharded checkpoint `path` into `model` and `optimizer`,
-    resharded to how they are laid out now; `rest` is ``split``'s second part, from
-    ``trainer.pt``. A collective under torchrun.
+def load_model(path: str, model: nn.Module, rest: dict[str, Any], dist: Distributed) -> None:
+    """Load the model's tensors of the sharded checkpoint `path` into `model`, resharded
+    to how it is laid out now; `rest` is the model's entry of ``trainer.pt``. A
+    collective under torchrun.
 
     Raises:
         CheckpointError: the checkpoint's model has other parameters than `model`.
     """
-    dcp = _dcp()
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     saved = _metadata(path)
-    with_state = any(key.startswith(_OPTIM) for key in saved)
-    if with_state:  # a fresh optimizer's state is laid out by one step with zero gradients
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-    else:  # nothing to lay out, and a fresh optimizer must not be stepped to do so
-        model_state, optimizer_state = get_model_state_dict(model), {}
-    targets, _ = split(model_state, optimizer_state)
-    wanted_model = {k for k in targets if k.startswith(_MODEL)}
+    targets = {_MODEL + key: value for key, value in get_model_state_dict(model).items()
+               if isinstance(value, torch.Tensor)}
     saved_model = {k for k in saved if k.startswith(_MODEL)}
-    if wanted_model != saved_model:
-        missing = sorted(k[len(_MODEL):] for k in wanted_model - saved_model)
-        unexpected = sorted(k[len(_MODEL):] for k in saved_model - wanted_model)
+    if set(targets) != saved_model:
+        missing = sorted(k[len(_MODEL):] for k in set(targets) - saved_model)
+        unexpected = sorted(k[len(_MODEL):] for k in saved_model - set(targets))
         raise CheckpointError(
             f"checkpoint {path} does not fit this model: missing keys {missing[:8]}, "
             f"unexpected keys {unexpected[:8]}. Was it written by a different model?")
-    # A fresh optimizer's state was made up for every parameter (DCP steps it once
-    # with zero gradients to lay it out): keep only what the checkpoint has.
-    targets = {k: v for k, v in targets.items() if k in saved}
-    dcp.load(targets, checkpoint_id=path, process_group=dist.checkpoint_group(),
-             no_dist=not dist.enabled)
-    model_state, state = join(targets, rest)
-    if with_state:
-        set_state_dict(model, optimizer, model_state_dict=model_state,
-                       optim_state_dict={"state": state,
-                                         "param_groups": rest["optimizer"]["param_groups"]})
+    _dcp().load(targets, checkpoint_id=path, process_group=dist.checkpoint_group(),
+                no_dist=not dist.enabled)
+    set_model_state_dict(model, {**rest, **{key[len(_MODEL):]: value
+                                            for key, value in targets.items()}})
+
+
+def load_optimizer(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   rest: dict[str, Any], dist: Distributed) -> None:
+    """Load an optimizer's tensors of the sharded checkpoint `path` into `optimizer`,
+    resharded; `rest` is its entry of ``trainer.pt`` (`split`'s, which says where its
+    tensors are). A collective under torchrun."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    prefix = rest.get("prefix", _OPTIM)
+    saved = _metadata(path)
+    if not any(key.startswith(prefix) for key in saved):
+        # No optimizer state (before its first step, or plain SGD): its hyperparameters;
+        # a fresh optimizer must not be stepped to lay out a state it does not have.
+        for group, saved_group in zip(optimizer.param_groups, rest["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
         return
-    set_model_state_dict(model, model_state)
-    # No optimizer state (before its first step, or plain SGD): its hyperparameters.
-    for group, saved_group in zip(optimizer.param_groups, rest["optimizer"]["param_groups"]):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    # A fresh optimizer's state is laid out by one step with zero gradients (DCP's way),
+    # for every parameter: keep only what the checkpoint has.
+    layout = get_optimizer_state_dict(model, optimizer)
+    targets = {f"{prefix}{name}/{entry}": value
+               for name, entries in layout["state"].items()
+               for entry, value in entries.items() if isinstance(value, torch.Tensor)}
+    targets = {k: v for k, v in targets.items() if k in saved}
+    _dcp().load(targets, checkpoint_id=path, process_group=dist.checkpoint_group(),
+                no_dist=not dist.enabled)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict={
+        "state": _optimizer_entries(targets, rest, prefix),
+        "param_groups": rest["param_groups"]})
 
 
 def _metadata(path: str) -> dict[str, Any]:
