@@ -52,7 +52,6 @@ __all__ = [
     "SMALL",
     "finish",
     "is_sharded",
-    "join",
     "load_model",
     "load_optimizer",
     "model_state",
@@ -149,16 +148,6 @@ def split(state: dict[str, Any], optimizers: Iterable[str] = ("optimizer",)
         rest[key] = {"param_groups": state[key].get("param_groups", []), "state": state_rest,
                      "prefix": prefix}
     return tensors, rest
-
-
-def join(tensors: dict[str, Any], rest: dict[str, Any]
-         ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """`split` undone for the model and the Trainer's optimizer: the model's state dict,
-    and the optimizer's ``"state"`` keyed by parameter name, from DCP's flat tensors and
-    what ``trainer.pt`` kept."""
-    model = {**rest["model"], **{key[len(_MODEL):]: value for key, value in tensors.items()
-                                 if key.startswith(_MODEL)}}
-    return model, _optimizer_entries(tensors, rest["optimizer"], _OPTIM)
 
 
 def _optimizer_entries(tensors: dict[str, Any], rest: dict[str, Any], prefix: str
@@ -366,7 +355,8 @@ def read_small(path: str) -> dict[str, Any]:
 def read_full(path: str) -> dict[str, Any]:
     """The whole sharded checkpoint in this process, on the CPU, as full tensors:
     ``{"model": state_dict, "optimizer": {"state": {name: {key: tensor}},
-    "param_groups": ...}, **trainer.pt}``. For export and inspection; needs no process
+    "param_groups": ...}, **trainer.pt}``, and every other optimizer state (a custom
+    step's) under its own key the same way. For export and inspection; needs no process
     group. Verify it first (`verify`)."""
     dcp = _dcp()
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -376,6 +366,10 @@ def read_full(path: str) -> dict[str, Any]:
                for key, item in _metadata(path).items()
                if isinstance(item, TensorStorageMetadata)}
     dcp.load(targets, checkpoint_id=path, no_dist=True)
-    model, state = join(targets, small)
-    return {**small, "model": model,
-            "optimizer": {"state": state, "param_groups": small["optimizer"]["param_groups"]}}
+    full = {**small, "model": {**small["model"], **{
+        key[len(_MODEL):]: value for key, value in targets.items() if key.startswith(_MODEL)}}}
+    for key, rest in small.items():  # the Trainer's optimizer, and a custom step's
+        if isinstance(rest, dict) and (key == "optimizer" or "prefix" in rest):
+            full[key] = {"state": _optimizer_entries(targets, rest, rest.get("prefix", _OPTIM)),
+                         "param_groups": rest["param_groups"]}
+    return full

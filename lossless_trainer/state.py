@@ -88,7 +88,8 @@ class Priority:
 
 
 class TrainerView(Protocol):
-    """Every member of the `Trainer` a hook may use. The built-in hooks use nothing else.
+    """Every member of the trainer (`TrainerBase`: a `Trainer` or a custom trainer) a
+    hook may use. The built-in hooks use nothing else.
 
     Hooks receive the trainer itself (no proxy on the step path), typed as this view:
     what is listed here is public and stable; anything else is the trainer's own.
@@ -102,7 +103,8 @@ class TrainerView(Protocol):
             `stop_reason` once `fit` ends.
         model: The model as you passed it, on its device (compiled in place with
             ``compile=True``; a DDP wrapper is kept apart, so this is your module).
-        optimizer: The optimizer.
+        optimizer: The `Trainer`'s optimizer (a custom trainer's, or None: its
+            learning rates are logged at each flush when it has one).
         lr_scheduler: The scheduler, or None.
         precision: The precision policy: `mode`, and `skipped_steps` (fp16: steps the
             GradScaler skipped so far, a device tensor).
@@ -137,7 +139,7 @@ class TrainerView(Protocol):
 
     state: TrainState
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     lr_scheduler: LRScheduler | None
     precision: Precision
     device: torch.device
