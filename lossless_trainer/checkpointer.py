@@ -44,6 +44,7 @@ from .state import TrainState, logger
 if TYPE_CHECKING:
     from .distributed import Distributed
     from .hooks import HookList
+    from .precision import Precision
     from .resume import DataCursor
     from .summary import SummarySink
 
@@ -90,17 +91,19 @@ class Checkpointer:
 
     # -- the run's state ---------------------------------------------------------------------
 
-    def run_state(self, counters: TrainState, grad_accum_steps: int) -> dict[str, Any]:
-        """What `TrainerBase.state_dict` returns: the counters, the model, and each
-        rank's own part (the RNG states and data position, the hook states, the pending
-        summary window), gathered to rank 0 under torchrun as ``"ranks"``; every rank
-        calls it."""
+    def run_state(self, counters: TrainState, grad_accum_steps: int, precision: Precision
+                  ) -> dict[str, Any]:
+        """What `TrainerBase.state_dict` returns: the counters, the model, the precision
+        policy's state, and each rank's own part (the RNG states and data position, the
+        hook states, the pending summary window), gathered to rank 0 under torchrun as
+        ``"ranks"``; every rank calls it."""
         model = self.model_state(self.model)
         per_rank = {**self.cursor.state_dict(),  # "rng", "data" and "order"
                     "hooks": self.hooks.state_dict(), "summary": self.sink.state_dict()}
         state = {"format": FORMAT_VERSION, "model": model,
                  "trainer": {"step": counters.step, "epoch": counters.epoch,
                              "batch_in_epoch": counters.batch_in_epoch},
+                 "precision": precision.state_dict(),
                  # The global batch, to warn when a resume on another number of
                  # processes changes it.
                  "layout": {"world_size": self.dist.world_size,
@@ -112,8 +115,8 @@ class Checkpointer:
             state["ranks"] = self.dist.gather_to_main(per_rank)
         return state
 
-    def load_run_state(self, state: dict[str, Any], seed: int | None,
-                       grad_accum_steps: int) -> TrainState:
+    def load_run_state(self, state: dict[str, Any], seed: int | None, grad_accum_steps: int,
+                       precision: Precision) -> TrainState:
         """Restore what `run_state` returned (for a sharded checkpoint, its
         ``trainer.pt``: the tensors come from its directory), taking this rank's part, or
         for a checkpoint of another number of processes what `Distributed.own_part` gives
@@ -124,6 +127,7 @@ class Checkpointer:
         counters = own["trainer"]
         self.cursor.load_state_dict(own, counters["batch_in_epoch"], other_world)
         self.load_model_state(self.model, own["model"])
+        precision.load_state_dict(own.get("precision", {}))
         self.hooks.load_state_dict(own["hooks"])
         self.sink.load_state_dict(own["summary"])
         if other_world and self.dist.is_main and "layout" in own:
@@ -165,7 +169,17 @@ class Checkpointer:
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                              state: dict[str, Any]) -> None:
-        """Load an optimizer's entry of a checkpoint, as `load_model_state`."""
+        """Load an optimizer's entry of a checkpoint, as `load_model_state`.
+
+        Raises:
+            CheckpointError: the entry is a sharded checkpoint's, whose tensors are in
+                its directory, outside a load of that checkpoint.
+        """
+        if "prefix" in state and self._loading is None:
+            raise CheckpointError(
+                "this optimizer entry comes from a sharded checkpoint, whose tensors are in "
+                "the checkpoint's directory: load it in load_state_dict while the checkpoint "
+                "is resumed (resume=..., load_checkpoint), not on its own")
         if self._loading is not None:
             sharded.load_optimizer(self._loading, model, optimizer, state, self.dist)
         else:
@@ -187,6 +201,7 @@ class Checkpointer:
             self._save_sharded(path, state_dict, step, written)
             return
         state = state_dict()
+        _refuse_shards(state)
         # Rank 0 writes; the others wait for its result, and raise its error if it fails.
         if self.saver is None:
             self.dist.on_main(lambda: (save_atomic(state, path), written()))
@@ -205,9 +220,13 @@ class Checkpointer:
         try:
             state = state_dict()
             optimizers = [key for key, value in state.items() if id(value) in self._sharding]
+            if len(optimizers) != len(self._sharding):
+                raise ValueError("an optimizer_state_dict() result is not at the top level of "
+                                 "state_dict(): keep each under a key of its own there")
         finally:
             self._sharding = None
         tensors, small = sharded.split(state, optimizers)
+        _refuse_shards(small)
         dist.on_main(lambda: sharded.prepare(path))
         wait = sharded.start_write(tensors, path, dist, background=saver is not None)
 
@@ -254,12 +273,15 @@ class Checkpointer:
                batches_per_epoch: int | None, set_aside: bool) -> str | None:
         """`resume_from_checkpoint` in this run's checkpoint directory (or at the path
         `resume` gives); returns the checkpoint resumed from, or None."""
+        def load(state: dict[str, Any]) -> None:
+            self._loading = state.get("sharded")  # whatever the subclass loads first
+            load_state_dict(state)
+
         try:
-            return resume_from_checkpoint(resume, self.directory, self.dist, load_state_dict,
+            return resume_from_checkpoint(resume, self.directory, self.dist, load,
                                           batches_per_epoch, set_aside=set_aside)
         finally:
             self._loading = None
-
 
 
 def resume_from_checkpoint(resume: Any, checkpoint_dir: str, dist: Distributed,
@@ -469,6 +491,23 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(map(_same, a, b))
     return a == b
 
+
+def _refuse_shards(state: dict[str, Any]) -> None:
+    """Refuse a state holding a shard of a tensor (an FSDP DTensor) where rank 0 writes it
+    alone: it would keep rank 0's shard only. (The model's and the optimizers' states
+    taken through the checkpointer are gathered, or written by DCP.)"""
+    stack: list[tuple[str, Any]] = [("", state)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}/{key}", item) for key, item in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{path}/{i}", item) for i, item in enumerate(value))
+        elif hasattr(value, "to_local") and hasattr(value, "placements"):
+            raise ValueError(
+                f"state_dict() holds a sharded tensor at {path}: rank 0 would save its own "
+                "shard only. Take an optimizer's state with self.optimizer_state_dict(opt), "
+                "and other sharded tensors with get_model_state_dict/full_tensor()")
 
 
 def apply_optimizer_changes(optimizer: torch.optim.Optimizer,

@@ -283,10 +283,11 @@ class Distributed:
         def small_part() -> dict[str, Any]:
             if "state" not in full:
                 full["state"] = load(path)
-            state = full["state"]
-            small = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-            small["optimizer"] = {"param_groups": state["optimizer"]["param_groups"],
-                                  "has_state": bool(state["optimizer"].get("state"))}
+            small = {k: v for k, v in full["state"].items() if k != "model"}
+            for key, value in small.items():  # the Trainer's optimizer, and a custom step's
+                if isinstance(value, dict) and value.keys() >= {"state", "param_groups"}:
+                    small[key] = {"param_groups": value["param_groups"],
+                                  "has_state": bool(value["state"])}
             return small
 
         small = self.on_main(small_part)

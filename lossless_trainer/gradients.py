@@ -20,6 +20,8 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float | None = None
         The total norm before clipping, on the device (no sync), to log: under FSDP the
         norm over every rank's shards.
     """
+    if max_norm is None and max_value is None:
+        raise ValueError("clip_gradients needs max_norm, max_value or both")
     if max_value is None:  # clip_grad_norm_ returns the norm before clipping
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # type: ignore[arg-type]
     else:

@@ -23,7 +23,7 @@ from .errors import first_cause
 from .evaluation import Evaluator, as_evaluator, evaluate_in_run
 from .hooks import Hook, HookList, builtin_hooks
 from .logbook import Logbook
-from .means import Mean
+from .means import Mean, split_losses
 from .options import check_options, epoch_limit, fresh_run_dir, planned_steps
 from .precision import Precision
 from .prefetch import DevicePrefetch
@@ -65,7 +65,8 @@ class TrainerBase(StepPieces, ABC):
     `handle_signals`, `strategy`, `batch_size`, `prefetch`, `grad_accum_steps`.
     """
 
-    optimizer: torch.optim.Optimizer | None = None  # a step's, if it has one
+    # A step's, for hooks (its learning rates are logged); its `state_dict` saves them.
+    optimizer: torch.optim.Optimizer | None = None
     lr_scheduler: Any = None
 
     def __init__(
@@ -116,9 +117,7 @@ class TrainerBase(StepPieces, ABC):
         # Every rank must agree on the run directory: rank 0 names it.
         self.log_dir = os.fspath(log_dir) if log_dir is not None else dist.on_main(fresh_run_dir)
         self.logbook = Logbook(dist, self.make_writers, lambda: self.stop.request is not None)
-        # The logging hook's members of `TrainerView` are the logbook's.
-        self.sink, self.publish, self.publish_later = (self.logbook.sink, self.logbook.publish,
-                                                       self.logbook.publish_later)
+        self.sink = self.logbook.sink
         self.stop = StopControl(dist, self.sink)
         self.hooks = HookList([*builtin_hooks(
             evaluate=eval_data is not None, eval_every=eval_every,
@@ -130,8 +129,8 @@ class TrainerBase(StepPieces, ABC):
                                          self.cursor, self.hooks, self.sink)
         self.checkpoint_dir, self.checkpoint_format, self._saver = (
             self.checkpointer.directory, self.checkpointer.format, self.checkpointer.saver)
-        # What hooks read (`TrainerView`): this step's batches as the data yielded them
-        # (on the device when prefetched) and their losses; `fit`'s outcome.
+        # What hooks read (`TrainerView`): this step's batches (as the data yielded them)
+        # and their losses; `fit`'s outcome.
         self.batch: Any = None
         self.micro_batches: Sequence[Any] = ()
         self.losses: Mapping[str, torch.Tensor | Mean] = {}
@@ -189,9 +188,9 @@ class TrainerBase(StepPieces, ABC):
                         self.batch, self.micro_batches = group[-1], group
                         for hook in before_step:
                             hook(self)
+                        self.micro_losses = []  # the step may keep each micro-batch's
                         self.losses = losses = self.run_step(group)
-                        if not self.micro_losses or self.micro_losses[-1] is not losses:
-                            self.micro_losses = [losses]  # a step that keeps no micro-batch's
+                        self.micro_losses = self.micro_losses or [losses]
                         state.step, state.batch_in_epoch = step, state.batch_in_epoch + len(group)
                         for hook in after_step:
                             hook(self)
@@ -282,10 +281,9 @@ class TrainerBase(StepPieces, ABC):
     def total_loss(self) -> torch.Tensor | None:
         """The sum of `losses`, a `Mean` counted as its batch mean (``total / count``): a
         device tensor, not synced, summed when read."""
-        total = None
-        for loss in [*(v for v in self.losses.values() if type(v) is not Mean),
-                     *(v.value for v in self.losses.values() if type(v) is Mean)]:
-            total = loss if total is None else total + loss
+        total, terms = split_losses(self.losses)
+        for term in (terms or {}).values():
+            total = term.value if total is None else total + term.value
         return total
 
     @property
@@ -303,6 +301,14 @@ class TrainerBase(StepPieces, ABC):
     def last_published(self) -> SummaryRecord | None:
         """The latest record handed to the writers, without waiting for one in flight."""
         return self.logbook.last_published
+
+    def publish(self, record: SummaryRecord) -> None:
+        """Hand a flushed record to the writers and make it `last_summary`."""
+        self.logbook.publish(record)
+
+    def publish_later(self, publish: Callable[[bool], None] | None) -> None:
+        """A record still being combined across ranks (see `Logbook.publish_later`)."""
+        self.logbook.publish_later(publish)
 
     @property
     def stop_requested(self) -> bool:
@@ -334,16 +340,18 @@ class TrainerBase(StepPieces, ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue as if nothing happened: the counters, the model,
-        the RNG states, the data position, the hook states and the pending summary
-        window. Extend it with ``super()``. Under torchrun every rank calls it; rank 0's
-        is complete (it gathers each rank's part, and under FSDP the model)."""
-        return self.checkpointer.run_state(self.state, self.grad_accum_steps)
+        the RNG states, the data position, the hook states, the pending summary window
+        and `precision`'s (the fp16 scaler). Extend it with ``super()``. Under torchrun
+        every rank calls it; rank 0's is complete (it gathers each rank's part, and
+        under FSDP the model)."""
+        return self.checkpointer.run_state(self.state, self.grad_accum_steps, self.precision)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict` returned. The RNG states and the data position apply
         when the next epoch's iteration starts in `fit`; a checkpoint of another number
         of processes is taken as docs/checkpoints.md says. Extend it with ``super()``."""
-        self.state = self.checkpointer.load_run_state(state, self.seed, self.grad_accum_steps)
+        self.state = self.checkpointer.load_run_state(state, self.seed, self.grad_accum_steps,
+                                                      self.precision)
 
     def save_checkpoint(self, path: str | os.PathLike[str], keep_last: int | None = None
                         ) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from .errors import ModelOutputError
 
-__all__ = ["Mean", "Normaliser"]
+__all__ = ["Mean", "Normaliser", "split_losses"]
 
 Count = int | float | torch.Tensor
 
@@ -97,6 +97,21 @@ class Mean:
 pytree.register_dataclass(Mean)
 # A hook state or a checkpointed record holding a Mean loads with weights_only=True.
 torch.serialization.add_safe_globals([Mean])
+
+
+def split_losses(losses: Mapping[str, Any]) -> tuple[torch.Tensor | None,
+                                                     dict[str, Mean] | None]:
+    """The sum of a step's plain losses (a left fold, in their order) and its `Mean` terms
+    by key (None for none of either): what a step backpropagates, and `total_loss`."""
+    total = terms = None
+    for key, loss in losses.items():
+        if type(loss) is Mean:
+            if terms is None:
+                terms = {}
+            terms[key] = loss
+        else:
+            total = loss if total is None else total + loss
+    return total, terms
 
 
 class Normaliser:

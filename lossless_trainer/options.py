@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .data import is_one_shot
+from .precision import PRECISIONS
 
 __all__ = ["build_optimizer", "build_scheduler", "check_options", "check_step_options",
            "check_strategy",
@@ -71,10 +72,22 @@ def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log
         )
 
 
-def check_step_options(*, clip_grad_norm: Any, clip_grad_value: Any, finite_check: Any,
+def check_step_options(*, optimizer: Any, lr_scheduler: Any, precision: Any,
+                       clip_grad_norm: Any, clip_grad_value: Any, finite_check: Any,
                        compile: Any) -> None:  # noqa: A002
     """Raise `TypeError`/`ValueError` for the first of the standard step's options
-    (`Trainer`) that cannot work."""
+    (`Trainer`) that cannot work, before the loop's are checked or anything is built
+    (what needs the model is checked when the optimizer and the scheduler are built)."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) \
+            and not callable(optimizer):
+        raise TypeError("optimizer must be a torch.optim.Optimizer or a factory taking the "
+                        f"model's parameters, got {type(optimizer).__name__}")
+    if lr_scheduler is not None and not isinstance(lr_scheduler, LRScheduler) \
+            and not callable(lr_scheduler):
+        raise TypeError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or a "
+                        f"factory taking the optimizer, got {type(lr_scheduler).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for name, clip in (("clip_grad_norm", clip_grad_norm),
                        ("clip_grad_value", clip_grad_value)):
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))

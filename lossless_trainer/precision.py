@@ -34,6 +34,7 @@ class Precision:
         if mode not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
         self.mode = mode
+        self.device = device
         self.device_type = device.type
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
         if self.dtype is not None and not torch.amp.is_autocast_available(device.type):
@@ -90,5 +91,7 @@ class Precision:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state["scaler"])
             skipped = state["skipped_steps"]
-            self.skipped_steps = (torch.as_tensor(skipped).to(self.scaler._scale.device)  # noqa: SLF001
+            # On the training device: a loaded GradScaler has no scale tensor to follow
+            # until its first step.
+            self.skipped_steps = (skipped.to(self.device)
                                   if isinstance(skipped, torch.Tensor) else None)

@@ -138,6 +138,8 @@ def split(state: dict[str, Any], optimizers: Iterable[str] = ("optimizer",)
             model_rest[key] = value
     rest = {**state, "model": model_rest}
     for key in optimizers:
+        if "/" in key:  # one key's prefix must not start another's
+            raise ValueError(f"an optimizer state's key in state_dict() has a '/': {key!r}")
         prefix, state_rest = _prefix(key), {}
         for name, entries in state[key].get("state", {}).items():
             for entry, value in entries.items():
@@ -346,7 +348,7 @@ def _check_hashes(path: str, files: list[tuple[str, str]]) -> str | None:
 
 def read_small(path: str) -> dict[str, Any]:
     """``trainer.pt`` of a verified sharded checkpoint: everything but the tensors DCP
-    holds, with ``"sharded"`` set to `path` (what `load_into` reads)."""
+    holds, with ``"sharded"`` set to `path` (where `load_model` and `load_optimizer` read)."""
     state = load_checkpoint(os.path.join(path, SMALL))
     state["sharded"] = path
     return state

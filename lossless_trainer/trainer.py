@@ -21,7 +21,7 @@ from .evaluation import Evaluator
 from .gradients import clip_gradients
 from .hooks import Hook
 from .loop import TrainerBase
-from .means import Mean, Normaliser
+from .means import Mean, Normaliser, split_losses
 from .model import check_finite
 from .options import build_optimizer, build_scheduler, check_step_options, check_strategy
 from .precision import Precision
@@ -180,10 +180,9 @@ class Trainer(TrainerBase):
         batch_size: Callable[[Any], int | None] | None = None,
         prefetch: bool | Literal["auto"] = "auto",
     ) -> None:
-        check_step_options(clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
+        check_step_options(optimizer=optimizer, lr_scheduler=lr_scheduler, precision=precision,
+                           clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                            finite_check=finite_check, compile=compile)
-        if compile and isinstance(model, nn.Module):  # in place: checkpoints keep their keys
-            model.compile(**(compile if isinstance(compile, dict) else {}))
         super().__init__(
             model, data, max_steps=max_steps, max_epochs=max_epochs, log_dir=log_dir,
             log_every=log_every, seed=seed, device=device, callbacks=callbacks,
@@ -194,6 +193,8 @@ class Trainer(TrainerBase):
             find_unused_parameters=find_unused_parameters, fsdp_units=fsdp_units,
             batch_size=batch_size, prefetch=prefetch, grad_accum_steps=grad_accum_steps)
         check_strategy(self.dist.strategy, optimizer, precision)
+        if compile:  # in place (the wrapper calls it), so checkpoints keep their keys
+            self.model.compile(**(compile if isinstance(compile, dict) else {}))
         self.optimizer = build_optimizer(optimizer, self.model)
         # What it was built with, before a scheduler changes lr: checkpoints keep it, and
         # a resume compares it with the checkpoint's (checkpointer.compare_optimizers).
@@ -226,7 +227,6 @@ class Trainer(TrainerBase):
         means = self._means if self._means.active else None
         if means is not None and means.count_items is not None:
             means.begin(batches, step)  # the counts, and their all-reduce, before any forward
-        self.micro_losses = []
         for batch in self.accumulate(batches):  # all but the last without gradient sync
             self.losses = losses = self.compute_losses(batch)
             self.micro_losses.append(losses)
@@ -250,14 +250,7 @@ class Trainer(TrainerBase):
         """Backpropagate one micro-batch of `count`: its plain losses over `count`, each
         `Mean` term over the step's count of its key (`Normaliser.objective`); with
         ``finite_check="step"``, after checking the objective."""
-        total = terms = None
-        for key, loss in losses.items():
-            if type(loss) is Mean:
-                if terms is None:
-                    terms = {}
-                terms[key] = loss
-            else:
-                total = loss if total is None else total + loss
+        total, terms = split_losses(losses)
         if terms is None and means is None:  # plain losses only: the step as it always was
             if self.finite_check == "step":
                 check_finite(losses, total, step, self.dist)
@@ -276,15 +269,15 @@ class Trainer(TrainerBase):
 
     def state_dict(self) -> dict[str, Any]:
         """`TrainerBase.state_dict`, with the optimizer (and what it was built with), the
-        scheduler, the precision policy (the fp16 scaler) and the agreed `Mean` keys.
-        Under torchrun every rank calls it; with FSDP the optimizer is gathered too."""
+        scheduler and the agreed `Mean` keys. Under torchrun every rank calls it; with
+        FSDP the optimizer is gathered too."""
         self._means.check()  # a checkpoint does not carry a miscount past its step
         state = super().state_dict()
         state.update(
             optimizer=self.optimizer_state_dict(self.optimizer),
             optimizer_record=self._optimizer_record,
             lr_scheduler=None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-            precision=self.precision.state_dict(), means=self._means.state_dict())
+            means=self._means.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -304,5 +297,4 @@ class Trainer(TrainerBase):
         if self.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         apply_optimizer_changes(self.optimizer, changes)
-        self.precision.load_state_dict(state["precision"])
         self._means.load_state_dict(state.get("means", {}))

@@ -15,7 +15,7 @@ from conftest import TinyClassifier, make_batches, read_metrics
 from tensorboard.backend.event_processing import event_accumulator
 
 from lossless_trainer import Hook, NonFiniteLossError, Trainer, TrainerBase, sharded
-from lossless_trainer.checkpoint import list_checkpoints, load_checkpoint
+from lossless_trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from lossless_trainer.precision import Precision
 
 TESTS = Path(__file__).resolve().parent
@@ -101,6 +101,83 @@ def test_a_nan_a_custom_step_returns_fails_the_fit_naming_the_loss(quiet):
 
     with pytest.raises(NonFiniteLossError, match="'penalty' first at step 1"):
         NaNStep(TinyClassifier(), make_batches(4), log_every=2, **quiet).fit()
+
+
+class Resumable(PlainStep):
+    """PlainStep whose optimizer joins its checkpoints."""
+
+    def state_dict(self):
+        return {**super().state_dict(), "sgd": self.optimizer_state_dict(self.optimizer)}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.load_optimizer_state_dict(self.optimizer, state["sgd"])
+
+
+@pytest.mark.parametrize("cls", [Resumable, Trainer])
+def test_an_fp16_step_resumes_its_scaler_exactly(tmp_path, cls):
+    """The precision policy's state is the run's (TrainerBase.state_dict): an fp16 step,
+    custom or standard, continued from a checkpoint ends where an uninterrupted one
+    does."""
+    def run(name, steps):
+        torch.manual_seed(0)
+        options = {"optimizer": sgd} if cls is Trainer else {}
+        trainer = cls(TinyClassifier(dropout=0.3), make_batches(12), precision="fp16",
+                      seed=1, max_steps=steps, log_dir=str(tmp_path / name), progress=False,
+                      **options)
+        trainer.fit()
+        return trainer
+
+    whole = run("whole", 10)
+    run("resumed", 5)
+    resumed = run("resumed", 10)
+    assert resumed.resumed_from.endswith("step-000000005.pt")
+    assert torch.equal(resumed.precision.scaler._scale, whole.precision.scaler._scale)
+    assert torch.equal(resumed.precision.skipped_steps, whole.precision.skipped_steps)
+    for a, b in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_sharded_optimizer_entry_loaded_on_its_own_is_refused(tmp_path):
+    trainer = Resumable(TinyClassifier(), make_batches(4), max_steps=2, checkpoint_format="sharded",
+                        log_dir=str(tmp_path / "run"), progress=False)
+    trainer.fit()
+    small = sharded.read_small(str(tmp_path / "run" / "checkpoints" / "step-000000002"))
+    assert small["sgd"]["prefix"] == "optim:sgd/"
+    with pytest.raises(CheckpointError, match="comes from a sharded checkpoint"):
+        trainer.load_optimizer_state_dict(trainer.optimizer, small["sgd"])
+
+
+class Shard:
+    """Looks like an FSDP DTensor: a shard of a tensor."""
+
+    placements = ()
+
+    def to_local(self):
+        return torch.zeros(1)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
+def test_a_shard_outside_the_model_and_optimizers_is_refused_at_save(quiet, checkpoint_format):
+    class Leaky(PlainStep):
+        def state_dict(self):
+            return {**super().state_dict(), "extra": {"momentum": [Shard()]}}
+
+    trainer = Leaky(TinyClassifier(), make_batches(2), checkpoint_format=checkpoint_format,
+                    **quiet)
+    with pytest.raises(ValueError, match="sharded tensor at /extra/momentum/0"):
+        trainer.fit()
+    assert list_checkpoints(trainer.checkpoint_dir) == []
+
+
+def test_an_optimizer_state_below_the_top_level_is_refused_in_a_sharded_save(quiet):
+    class Nested(PlainStep):
+        def state_dict(self):
+            return {**super().state_dict(),
+                    "optimizers": {"sgd": self.optimizer_state_dict(self.optimizer)}}
+
+    with pytest.raises(ValueError, match="not at the top level"):
+        Nested(TinyClassifier(), make_batches(2), checkpoint_format="sharded", **quiet).fit()
 
 
 @pytest.mark.parametrize("checkpoint_format", ["full", "sharded"])
