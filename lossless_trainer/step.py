@@ -10,7 +10,7 @@ accumulation and DDP/FSDP working. docs/custom-trainers.md shows one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,10 +50,16 @@ class StepPieces:
     _first_step: int
     _after_backward: list[Any]
 
-    def accumulate(self, batches: Sequence[Any]) -> Iterator[Any]:
+    def accumulate(self, batches: Sequence[Any]) -> Iterable[Any]:
         """Each micro-batch of a step, moved to the device; run its forward and backward
-        in the loop's body. All but the last run inside DDP's (FSDP's) ``no_sync``, so
-        the gradients are all-reduced once, with the last backward."""
+        in the body of a ``for`` loop over this. All but the last run inside DDP's
+        (FSDP's) ``no_sync``, so the gradients are all-reduced once, with the last
+        backward."""
+        if len(batches) == 1:  # nothing to accumulate: no generator (a few µs a step)
+            return (move_to_device(batches[0], self.device),)
+        return self._accumulated(batches)
+
+    def _accumulated(self, batches: Sequence[Any]) -> Iterator[Any]:
         last = len(batches) - 1
         for i, batch in enumerate(batches):
             batch = move_to_device(batch, self.device)
