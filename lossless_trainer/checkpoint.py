@@ -1,7 +1,8 @@
 """Checkpoint files: atomic writes, safe loads, finding the newest valid one, pruning.
 
-Files only: what goes into a checkpoint is `Trainer.state_dict`'s business, the RNG and
-the data position are resume.py's, and gathering a sharded model is distributed.py's.
+Files only: what goes into a checkpoint is `TrainerBase.state_dict`'s business (the run's
+part assembled by checkpointer.py), the RNG and the data position are resume.py's, and
+gathering a sharded model is distributed.py's.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain containers, so it
 loads with ``torch.load(weights_only=True)``: loading can never run code. Files are named

@@ -205,11 +205,11 @@ class SummaryRecord:
 class SummarySink:
     """Collects summaries between flushes. One sink per training run.
 
-    Who calls what: `Trainer.fit` activates the sink around the run (so `write_summary`
-    finds it) and calls `begin_step` before every step, which is the one place that
-    decides whether the step is flushed; `Trainer.evaluate` may add to that decision
-    with `request_flush`; the logging hook reads `flush_due` after the step and calls
-    `flush`, which ends the window.
+    Who calls what: the run's `Logbook` holds it; `TrainerBase.fit` activates it around
+    the loop (so `write_summary` finds it) and calls `begin_step` before every step, which
+    is the one place that decides whether the step is flushed; an evaluation may add to
+    that decision with `request_flush` (`Logbook.log_evaluation`); the logging hook reads
+    `flush_due` after the step and calls `flush`, which ends the window.
 
     Args:
         reducer: Starts combining the window's scalar sums with those of the other
