@@ -18,7 +18,14 @@ from .loop import TrainerBase
 from .means import Mean
 from .model import Model, WithLoss
 from .state import Priority, TrainerView, TrainState
-from .summary import SummaryRecord, is_summary_step, summaries_off, summary_scope, write_summary
+from .summary import (
+    SummaryRecord,
+    current_step,
+    is_summary_step,
+    summaries_off,
+    summary_scope,
+    write_summary,
+)
 from .trainer import Trainer
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "TrainerBase",
     "TrainerView",
     "WithLoss",
+    "current_step",
     "is_summary_step",
     "summaries_off",
     "summary_scope",

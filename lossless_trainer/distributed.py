@@ -235,11 +235,18 @@ class Distributed:
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
                         ) -> dict[str, Any]:
         """The state dict of `optimizer`, over some or all of `model`'s parameters. Under
-        FSDP, full and keyed by parameter name, gathered to rank 0's CPU (a collective)."""
+        FSDP, full and keyed by parameter name, gathered to rank 0's CPU (a collective);
+        one that holds no state yet (before its first step: one of several optimizers
+        may not have stepped) gives its hyperparameters only, as torch's gathering
+        would lay its state out by stepping it once, changing Adam's step count."""
         if self.strategy != "fsdp":
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        if not optimizer.state:
+            return {"state": {}, "has_state": False, "param_groups": [
+                {k: v for k, v in group.items() if k != "params"}
+                for group in optimizer.param_groups]}
         return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
     def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
@@ -452,6 +459,15 @@ class Distributed:
         value = torch.tensor([int(flag)], dtype=torch.int32)
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group())
         return bool(value.item())
+
+    def any_bits(self, mask: int, bits: int) -> int:
+        """For each of the low `bits` bits of `mask`, whether it is set on any rank
+        (synchronous, on the CPU side channel: no device sync)."""
+        if not self.collectives_ok:
+            return mask
+        value = torch.tensor([mask >> i & 1 for i in range(bits)], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group())
+        return sum(1 << i for i, flag in enumerate(value.tolist()) if flag)
 
     def vote_stop(self, requested: bool, step: int) -> bool:
         """Agree on stopping without making any rank wait, at a cost that does not

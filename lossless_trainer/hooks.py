@@ -170,6 +170,24 @@ class HookList:
         return errors
 
 
+def learning_rates(trainer: TrainerView) -> dict[str, float]:
+    """Each optimizer's learning rate by tag: ``lr`` (the single optimizer's) or
+    ``lr/<name>`` (each of `trainer.optimizers`), with ``/<group>`` for each parameter
+    group (its ``"name"``, else ``group<i>``) of an optimizer that has several."""
+    named = trainer.optimizers or (
+        {"": trainer.optimizer} if isinstance(trainer.optimizer, torch.optim.Optimizer) else {})
+    lrs = {}
+    for name, optimizer in named.items():
+        groups = optimizer.param_groups
+        base = f"lr/{name}" if name else "lr"
+        if len(groups) == 1:
+            lrs[base] = float(groups[0]["lr"])
+        else:
+            lrs.update({f"{base}/{group.get('name', f'group{i}')}": float(group["lr"])
+                        for i, group in enumerate(groups)})
+    return lrs
+
+
 class LoggingHook(Hook):
     """Feeds the summary sink and flushes it when the step ends a window.
 
@@ -286,10 +304,7 @@ class LoggingHook(Hook):
         # written, at the step before it. The loss keys travel with the window: under
         # torchrun a key may so far exist on another rank only.
         micro_batches = self._window_micro * trainer.dist.world_size
-        groups = () if trainer.optimizer is None else trainer.optimizer.param_groups
-        lrs = {"lr": float(groups[0]["lr"])} if len(groups) == 1 else {
-            f"lr/{group.get('name', f'group{i}')}": float(group["lr"])
-            for i, group in enumerate(groups)}
+        lrs = learning_rates(trainer)
         self._window_start = now
         self._window_steps = self._window_micro = 0
         self._samples = 0 if self._samples is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Literal
 
 import torch
@@ -65,9 +66,10 @@ class TrainerBase(StepPieces, ABC):
     `handle_signals`, `strategy`, `batch_size`, `prefetch`, `grad_accum_steps`.
     """
 
-    # A step's, for hooks (its learning rates are logged); its `state_dict` saves them.
-    optimizer: torch.optim.Optimizer | None = None
+    # A step's, for hooks (`optimizers`' lr logged as lr/<name>); its state_dict saves them.
+    optimizer: Any = None
     lr_scheduler: Any = None
+    optimizers: Mapping[str, torch.optim.Optimizer] = MappingProxyType({})
 
     def __init__(
         self, model: nn.Module, data: Iterable[Any], *, max_steps: int | None = None,

@@ -1,10 +1,10 @@
 """The options of `TrainerBase` and `Trainer`: checking them before anything is built,
-building the optimizer and the scheduler, and naming a fresh run directory.
+and naming a fresh run directory (the optimizers and schedulers are built in
+optimizers.py).
 
 `check_step_options` and `check_options` run first, before the model moves or a file is
-written; the builders
-check what can only be checked once the model is placed. Every error says which option
-was wrong, what it got and what would work.
+written; the builders check what can only be checked once the model is placed. Every
+error says which option was wrong, what it got and what would work.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from .data import is_one_shot
+from .optimizers import check_optimizer_options
 from .precision import PRECISIONS
 
-__all__ = ["build_optimizer", "build_scheduler", "check_options", "check_step_options",
-           "check_strategy",
-           "epoch_limit", "fresh_run_dir", "planned_steps", "step_limit"]
+__all__ = ["check_options", "check_step_options", "check_strategy", "epoch_limit",
+           "fresh_run_dir", "planned_steps", "step_limit"]
 
 
 def check_options(model: Any, data: Any, *, max_steps: Any, max_epochs: Any, log_every: Any,
@@ -78,14 +77,7 @@ def check_step_options(*, optimizer: Any, lr_scheduler: Any, precision: Any,
     """Raise `TypeError`/`ValueError` for the first of the standard step's options
     (`Trainer`) that cannot work, before the loop's are checked or anything is built
     (what needs the model is checked when the optimizer and the scheduler are built)."""
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) \
-            and not callable(optimizer):
-        raise TypeError("optimizer must be a torch.optim.Optimizer or a factory taking the "
-                        f"model's parameters, got {type(optimizer).__name__}")
-    if lr_scheduler is not None and not isinstance(lr_scheduler, LRScheduler) \
-            and not callable(lr_scheduler):
-        raise TypeError("lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or a "
-                        f"factory taking the optimizer, got {type(lr_scheduler).__name__}")
+    check_optimizer_options(optimizer, lr_scheduler)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     for name, clip in (("clip_grad_norm", clip_grad_norm),
@@ -105,7 +97,9 @@ def check_strategy(strategy: str | None, optimizer: Any, precision: str) -> None
     None when not distributed)."""
     if strategy != "fsdp":
         return
-    if isinstance(optimizer, torch.optim.Optimizer):
+    entries = optimizer.values() if isinstance(optimizer, dict) else \
+        optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    if any(isinstance(entry, torch.optim.Optimizer) for entry in entries):
         raise ValueError(
             "strategy='fsdp' replaces the model's parameters with sharded ones, so an "
             "optimizer built beforehand would update the old ones; pass a factory "
@@ -139,63 +133,6 @@ def planned_steps(batches: int | None, grad_accum_steps: int, max_epochs: int | 
     if max_steps is not None and by_epochs is not None:
         return min(max_steps, by_epochs)
     return max_steps if max_steps is not None else by_epochs
-
-
-def build_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer: AdamW (lr 1e-3) by default, a factory's result, or one given,
-    checked to update this model's parameters only."""
-    if optimizer is None:
-        return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        if not callable(optimizer):
-            raise TypeError(
-                "optimizer must be a torch.optim.Optimizer or a factory taking the model's "
-                f"parameters, got {type(optimizer).__name__}"
-            )
-        built = optimizer(model.parameters())
-        if not isinstance(built, torch.optim.Optimizer):
-            raise TypeError(
-                f"the optimizer factory returned {type(built).__name__}, not a "
-                "torch.optim.Optimizer"
-            )
-        return built
-    model_params = {id(p) for p in model.parameters()}
-    foreign = sum(id(p) not in model_params
-                  for group in optimizer.param_groups for p in group["params"])
-    if foreign:
-        raise ValueError(
-            f"the optimizer holds {foreign} tensor(s) that are not parameters of "
-            f"{type(model).__name__}; build it from this model's parameters, or pass a "
-            "factory such as functools.partial(torch.optim.SGD, lr=0.1)"
-        )
-    return optimizer
-
-
-def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRScheduler | None:
-    """The LR scheduler, given or built by a factory, checked to step per optimizer step
-    and to schedule the Trainer's optimizer."""
-    if scheduler is None:
-        return None
-    if not isinstance(scheduler, LRScheduler):
-        if not callable(scheduler):
-            raise TypeError(
-                "lr_scheduler must be a torch.optim.lr_scheduler.LRScheduler or a factory "
-                f"taking the optimizer, got {type(scheduler).__name__}"
-            )
-        scheduler = scheduler(optimizer)
-        if not isinstance(scheduler, LRScheduler):
-            raise TypeError(f"the lr_scheduler factory returned {type(scheduler).__name__}, "
-                            "not an LRScheduler")
-    if isinstance(scheduler, ReduceLROnPlateau):
-        raise TypeError(
-            "ReduceLROnPlateau steps on a metric, not once per optimizer step, so it cannot be "
-            "the lr_scheduler; step it from a hook after each evaluation instead: "
-            "scheduler.step(trainer.last_eval['val_loss']) (see docs/faq.md)"
-        )
-    if scheduler.optimizer is not optimizer:
-        raise ValueError("lr_scheduler schedules a different optimizer than the Trainer's; "
-                         "pass a factory (lambda opt: ...) so it is built on the right one")
-    return scheduler
 
 
 def fresh_run_dir(root: str = "runs") -> str:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from torch.optim.lr_scheduler import LRScheduler
 
     from .distributed import Distributed
     from .evaluation import Evaluator
@@ -103,9 +102,14 @@ class TrainerView(Protocol):
             `stop_reason` once `fit` ends.
         model: The model as you passed it, on its device (compiled in place with
             ``compile=True``; a DDP wrapper is kept apart, so this is your module).
-        optimizer: The `Trainer`'s optimizer (a custom trainer's, or None: its
-            learning rates are logged at each flush when it has one).
-        lr_scheduler: The scheduler, or None.
+        optimizer: The `Trainer`'s optimizer, or its list or dict of them (a custom
+            trainer's, or None).
+        optimizers: Every optimizer by name: a list's ``"0"``, ``"1"``...; a dict's
+            keys; the single optimizer's name is ``""``. Their learning rates are
+            logged at each flush as ``lr/<name>`` (the single one's as ``lr``). A
+            custom trainer sets it to have its own logged (default: empty; then a
+            single `optimizer`'s are).
+        lr_scheduler: The scheduler, or its list or dict (as `optimizer`), or None.
         precision: The precision policy: `mode`, and `skipped_steps` (fp16: steps the
             GradScaler skipped so far, a device tensor).
         device: The device this process trains on.
@@ -139,8 +143,9 @@ class TrainerView(Protocol):
 
     state: TrainState
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None
-    lr_scheduler: LRScheduler | None
+    optimizer: Any
+    optimizers: Mapping[str, torch.optim.Optimizer]
+    lr_scheduler: Any
     precision: Precision
     device: torch.device
     dist: Distributed

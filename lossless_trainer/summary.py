@@ -37,6 +37,7 @@ from .means import Mean
 __all__ = [
     "SummaryRecord",
     "SummarySink",
+    "current_step",
     "is_summary_step",
     "summary_scope",
     "write_summary",
@@ -128,6 +129,20 @@ def is_summary_step() -> bool:
     """
     sink = _SINK.get()
     return sink is not None and sink._flush_due  # noqa: SLF001 - this module's own sink
+
+
+def current_step() -> int | None:
+    """The optimizer step being computed: 1 during the first step of a run, and the
+    number the step's summaries are logged at. None outside training (no `fit`
+    running, or an evaluation).
+
+    A model reads it to decide what a step trains, by the losses it returns: with
+    ``Trainer(optimizer={"d": ..., "g": ...})``, returning ``{"g": ...}`` at every
+    (k+1)-th step and ``{"d": ...}`` at the others gives k discriminator updates per
+    generator update, and the checkpoint needs no counter of its own (it holds the step).
+    """
+    sink = _SINK.get()
+    return None if sink is None else sink.training_step
 
 
 @contextmanager
@@ -229,6 +244,7 @@ class SummarySink:
                  stop_requested: Callable[[], bool] | None = None,
                  read_cpu_now: bool | None = None) -> None:
         self.step = 0
+        self.training_step: int | None = None  # set by `begin_step`: a training run's sink
         # CPU tensors are read as they are written: the CPU computed them already, so
         # reading costs no sync, and nothing is kept alive until the flush. Off: they are
         # kept like an accelerator's (the device path, which the tests run on the CPU).
@@ -288,7 +304,7 @@ class SummarySink:
     def begin_step(self, step: int, flush: bool) -> None:
         """Tag what follows with `step`; `flush` says whether this step ends the window
         (histograms, images and text are kept only on such steps)."""
-        self.step = step
+        self.step = self.training_step = step
         self._flush_due = flush
         if len(self._values) >= _STACK_AT:
             self._stack_pending()

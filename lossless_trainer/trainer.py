@@ -1,6 +1,7 @@
 """The Trainer: the standard step on `TrainerBase` (loop.py), and nothing else.
 
-One optimizer and its scheduler, precision, accumulation, clipping, exact means (`Mean`),
+The optimizers (one, a list, or a dict keyed by loss name: optimizers.py) and their
+schedulers, precision, accumulation, clipping, exact means (`Mean`),
 the finite check and compile. Everything else of the run is `TrainerBase`'s and its
 components' (see docs/architecture.md); the pieces the step is made of are
 `StepPieces`' (step.py), which a custom step reuses the same way.
@@ -16,14 +17,13 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from .checkpointer import apply_optimizer_changes, compare_optimizers, optimizer_record
 from .evaluation import Evaluator
-from .gradients import clip_gradients
 from .hooks import Hook
 from .loop import TrainerBase
 from .means import Mean, Normaliser, split_losses
 from .model import check_finite
-from .options import build_optimizer, build_scheduler, check_step_options, check_strategy
+from .optimizers import Optimizers
+from .options import check_step_options, check_strategy
 from .precision import Precision
 from .state import TrainState
 from .writers import Writer, WriterFactory
@@ -37,8 +37,9 @@ class Trainer(TrainerBase):
     """Trains a model that returns its own losses: the standard step, on `TrainerBase`.
 
     The only assumptions made here: the model, in training mode, maps a batch to a dict of
-    scalar losses; one optimizer updates the parameters. The trainer never splits a batch
-    into inputs and labels, never sees predictions, and never applies a loss function.
+    scalar losses; one optimizer updates the parameters, or several, each its own part.
+    The trainer never splits a batch into inputs and labels, never sees predictions, and
+    never applies a loss function.
     Each step (`run_step`) backpropagates every micro-batch's summed losses, then
     unscales, clips and steps. The run around it (the loop, hooks, logging, checkpoints,
     resume, evaluation, torchrun) is `TrainerBase`'s; its options are documented here.
@@ -48,7 +49,12 @@ class Trainer(TrainerBase):
         data: Any iterable of batches: a DataLoader, a list, a generator. Each batch is
             moved to the device and passed whole to ``model(batch)``.
         optimizer: An optimizer over the model's parameters, or a factory called with
-            ``model.parameters()``. Default: ``torch.optim.AdamW`` with lr 1e-3.
+            ``model.parameters()``. Default: ``torch.optim.AdamW`` with lr 1e-3. Or
+            several, each over its own part of the trainable parameters (checked when
+            `fit` starts), each given or a factory called with the model: a list steps
+            them all; a dict's optimizer ``"d"`` steps only at the steps whose losses
+            include ``"d"`` or ``"d/<anything>"`` (see `current_step`). One backward
+            either way; see docs/trainer.md.
         max_steps: Stop after this many optimizer steps, running as many epochs as it takes.
         max_epochs: Stop after this many passes over `data`. Without either limit, one
             epoch. With both, whichever comes first. A one-shot iterator (a generator)
@@ -83,10 +89,13 @@ class Trainer(TrainerBase):
             (`max_steps`, `log_every`, checkpoints) is an optimizer step. An epoch's
             leftover micro-batches make one shorter step.
         clip_grad_norm: Clip the gradients' total norm to this, after unscaling. The norm
-            before clipping is logged as ``grad_norm``.
+            before clipping is logged as ``grad_norm`` (``grad_norm/<name>``: each of
+            several optimizers' parameters are clipped on their own, as is the value).
         clip_grad_value: Clip each gradient element to ``[-x, x]``, after unscaling.
         lr_scheduler: A scheduler over `optimizer`, or a factory called with the
-            optimizer. Stepped once per optimizer step; its state is checkpointed.
+            optimizer. Stepped once per optimizer step; its state is checkpointed. With
+            several optimizers: a dict (a list) of them or None by optimizer, or one
+            factory called with each; each steps when its optimizer does.
         compile: Compile the model with `torch.compile` (in place, via
             `nn.Module.compile`, so checkpoints keep their keys). A dict is passed to it
             as options, e.g. ``{"mode": "max-autotune"}``. `write_summary` inside the
@@ -148,7 +157,8 @@ class Trainer(TrainerBase):
         model: nn.Module,
         data: Iterable[Any],
         *,
-        optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
+        optimizer: torch.optim.Optimizer | OptimizerFactory | Sequence[Any]
+        | dict[str, Any] | None = None,
         max_steps: int | None = None,
         max_epochs: int | None = None,
         log_dir: str | os.PathLike[str] | None = None,
@@ -163,7 +173,8 @@ class Trainer(TrainerBase):
         grad_accum_steps: int = 1,
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
-        lr_scheduler: LRScheduler | Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+        lr_scheduler: LRScheduler | Callable[[torch.optim.Optimizer], LRScheduler]
+        | Sequence[Any] | dict[str, Any] | None = None,
         compile: bool | dict[str, Any] = False,  # noqa: A002 - the option's natural name
         eval_data: Iterable[Any] | None = None,
         eval_every: int | None = None,
@@ -195,12 +206,10 @@ class Trainer(TrainerBase):
         check_strategy(self.dist.strategy, optimizer, precision)
         if compile:  # in place (the wrapper calls it), so checkpoints keep their keys
             self.model.compile(**(compile if isinstance(compile, dict) else {}))
-        self.optimizer = build_optimizer(optimizer, self.model)
-        # What it was built with, before a scheduler changes lr: checkpoints keep it, and
-        # a resume compares it with the checkpoint's (checkpointer.compare_optimizers).
-        self._optimizer_record = optimizer_record(self.optimizer)
+        self._optimizers = opts = Optimizers(optimizer, lr_scheduler, self.model, self.dist)
+        self.optimizer, self.lr_scheduler = opts.optimizer, opts.lr_scheduler
+        self.optimizers = opts.named
         self.precision = Precision(precision, self.device)
-        self.lr_scheduler = build_scheduler(lr_scheduler, self.optimizer)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self._clipping = clip_grad_norm is not None or clip_grad_value is not None
         self._params = [p for p in self.model.parameters() if p.requires_grad]
@@ -233,16 +242,15 @@ class Trainer(TrainerBase):
             self._backward(losses, step, count, means)
         if means is not None and (self.sink.flush_due or self.finite_check == "step"):
             means.check()  # count_items against the forwards' counts: one read per flush
-        precision = self.precision
-        precision.unscale(self.optimizer)
+        precision, opts = self.precision, self._optimizers
+        stepping = opts.stepping(self.micro_losses, step)  # a dict's: by the losses
+        precision.unscale(*stepping)
         self.after_backward()  # the flush in flight lands; hooks see the gradients
-        if self._clipping:  # the norm before clipping, logged on the device
-            self.sink.put_scalar("grad_norm", clip_gradients(
-                self._params, self.clip_grad_norm, self.clip_grad_value))
-        precision.step(self.optimizer)
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._clipping:  # the norms before clipping, logged on the device
+            opts.clip(stepping, self._params, self.clip_grad_norm, self.clip_grad_value,
+                      self.sink.put_scalar)
+        precision.step(*stepping)
+        opts.finish(stepping)  # their schedulers step; every gradient is dropped
         return losses
 
     def _backward(self, losses: dict[str, Any], step: int, count: int,
@@ -261,6 +269,12 @@ class Trainer(TrainerBase):
             check_finite(losses, objective, step, self.dist)
         self.precision.backward(objective)
 
+    def fit(self) -> Any:
+        """`TrainerBase.fit`, once several optimizers are checked to share out the
+        trainable parameters (`Optimizers.check_parameters`)."""
+        self._optimizers.check_parameters(self.model, self._model_name)
+        return super().fit()
+
     def after_loop(self) -> None:
         """The `Mean` count check of what the last flush did not cover."""
         self._means.check()
@@ -268,33 +282,25 @@ class Trainer(TrainerBase):
     # -- the state a checkpoint holds -------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """`TrainerBase.state_dict`, with the optimizer (and what it was built with), the
-        scheduler and the agreed `Mean` keys. Under torchrun every rank calls it; with
-        FSDP the optimizer is gathered too."""
+        """`TrainerBase.state_dict`, with the optimizers (and what they were built with)
+        and schedulers by name (`Optimizers.state_dict`) and the agreed `Mean` keys.
+        Under torchrun every rank calls it; with FSDP the optimizers are gathered too."""
         self._means.check()  # a checkpoint does not carry a miscount past its step
         state = super().state_dict()
-        state.update(
-            optimizer=self.optimizer_state_dict(self.optimizer),
-            optimizer_record=self._optimizer_record,
-            lr_scheduler=None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-            means=self._means.state_dict())
+        state.update(self._optimizers.state_dict(self.optimizer_state_dict),
+                     means=self._means.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned. A checkpoint of another optimizer class is
-        refused; changed hyperparameters are this run's, with a warning, except a changed
-        lr under a scheduler, which is refused (`compare_optimizers`).
+        """Restore what `state_dict` returned. A checkpoint of other optimizer names or
+        classes is refused before anything changes; changed hyperparameters are this
+        run's, with a warning, except a changed lr under a scheduler, which is refused
+        (`Optimizers.check_state`).
 
         Raises:
             ValueError: the checkpoint does not fit this run.
         """
-        if (state["lr_scheduler"] is None) != (self.lr_scheduler is None):
-            raise ValueError("the checkpoint and this run disagree on having an lr_scheduler")
-        changes = compare_optimizers(state.get("optimizer_record"), self._optimizer_record,
-                                     self.lr_scheduler is not None)
+        changes = self._optimizers.check_state(state)  # before anything changes
         super().load_state_dict(state)
-        self.load_optimizer_state_dict(self.optimizer, state["optimizer"])
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        apply_optimizer_changes(self.optimizer, changes)
+        self._optimizers.load_state_dict(state, self.load_optimizer_state_dict, changes)
         self._means.load_state_dict(state.get("means", {}))

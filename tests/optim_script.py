@@ -1,0 +1,125 @@
+"""Several optimizers (#26), as a real process: a dict whose optimizers alternate by the
+losses the model returns, alone or under torchrun (gloo on CPU). Run by
+test_optimizers.py.
+
+    python optim_script.py MODE OUT_DIR
+
+Modes:
+    kill: one process, 12 steps, a checkpoint every 2; with ``KILL_AT=<step>`` it
+        SIGKILLs itself in the middle of that step the first time (a marker file
+        remembers it). Saves the weights and both optimizers' states to OUT_DIR.
+    ddp, fsdp: under torchrun, 2 ranks of 8 samples each, 12 steps of the alternating
+        dict (``find_unused_parameters=True`` under DDP); then a second Trainer resumes
+        the sharded checkpoint to step 15. Rank 0 saves the weights of both.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from lossless_trainer import Hook, Trainer, current_step
+
+
+class Pair(nn.Module):
+    """Two parts, each trained by its own losses: ``a/fit`` and ``a/small`` at every step
+    but each third, ``b`` (which reads a's output, detached) at each third. `step`
+    stands in for `current_step()` in a hand-written loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 1)
+        self.b = nn.Linear(4, 1)
+        self.step: int | None = None
+
+    def forward(self, batch):
+        x, y = batch
+        if not self.training:
+            return self.a(x)
+        step = current_step() or self.step
+        if step % 3 == 0:
+            return {"b": F.mse_loss(self.b(x) + self.a(x).detach(), y)}
+        return {"a/fit": F.mse_loss(self.a(x), y),
+                "a/small": 1e-3 * self.a.weight.square().sum()}
+
+
+def pair_data(n: int = 16 * 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return x, x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]) + 0.1
+
+
+def pair_optimizers() -> dict:
+    return {"a": lambda m: torch.optim.Adam(m.a.parameters(), lr=0.05),
+            "b": lambda m: torch.optim.SGD(m.b.parameters(), lr=0.05, momentum=0.9)}
+
+
+def states(trainer: Trainer) -> dict:
+    params = trainer.model.state_dict()
+    if trainer.dist.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        params = get_model_state_dict(trainer.model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return {"params": params, "step": trainer.state.step,
+            "resumed_from": trainer.resumed_from}
+
+
+class KillAt(Hook):
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step, self.marker = step, marker
+
+    def after_backward(self, trainer) -> None:
+        if trainer.state.step + 1 == self.step and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill(out: Path) -> None:
+    torch.manual_seed(0)
+    x, y = pair_data()
+    data = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 96, 8)]
+    kill_at = int(os.environ.get("KILL_AT", "0"))
+    trainer = Trainer(Pair(), data, optimizer=pair_optimizers(), max_steps=12,
+                      lr_scheduler={"a": lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)},
+                      checkpoint_every=2, log_every=2, log_dir=str(out / "run"),
+                      progress=False, seed=1,
+                      callbacks=[KillAt(kill_at, out / "killed")] if kill_at else [])
+    trainer.fit()
+    torch.save({**states(trainer), "a": trainer.optimizers["a"].state_dict(),
+                "b": trainer.optimizers["b"].state_dict()}, out / "result.pt")
+
+
+def distributed(out: Path, strategy: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(*pair_data(16 * 15)), batch_size=8, shuffle=False)
+    options = {"optimizer": pair_optimizers(), "strategy": strategy, "progress": False,
+               "log_every": 3, "checkpoint_format": "sharded", "checkpoint_every": 6,
+               "log_dir": str(out / "run"), "clip_grad_norm": 0.5}
+    if strategy == "ddp":
+        options["find_unused_parameters"] = True
+    trainer = Trainer(Pair(), loader, max_steps=12, **options)
+    trainer.fit()
+    first = states(trainer)
+    torch.manual_seed(0)
+    again = Trainer(Pair(), loader, max_steps=15, **options)
+    again.fit()
+    second = states(again)  # a collective under FSDP
+    if trainer.dist.is_main:
+        torch.save({"first": first, "resumed": second}, out / f"{strategy}.pt")
+
+
+if __name__ == "__main__":
+    mode, target = sys.argv[1], Path(sys.argv[2])
+    target.mkdir(parents=True, exist_ok=True)
+    if mode == "kill":
+        kill(target)
+    else:
+        distributed(target, mode)
