@@ -201,6 +201,30 @@ def raw_loop(model: nn.Module, optimizer: torch.optim.Optimizer,
 raw_loop_idiomatic = functools.partial(raw_loop, read_loss=True)
 
 
+def two_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    """SGD with momentum for the first layer, AdamW for the rest: the ``tiny-2opt`` case's
+    optimizers (the Trainer gets them as a list, the raw loop steps both)."""
+    first, *rest = [layer for layer in model.modules() if isinstance(layer, nn.Linear)]
+    return [torch.optim.SGD(first.parameters(), lr=1e-2, momentum=0.9),
+            torch.optim.AdamW([p for layer in rest for p in layer.parameters()], lr=1e-3)]
+
+
+def raw_loop_two(model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                 batches: Sequence[Batch]) -> None:
+    """`raw_loop` with several optimizers: one backward, then each steps, then each drops
+    its gradients."""
+    for batch in batches:
+        losses = iter(model(batch).values())
+        loss = next(losses)
+        for extra in losses:
+            loss = loss + extra
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+
 def raw_loop_bf16(model: nn.Module, optimizer: torch.optim.Optimizer,
                   batches: Sequence[Batch]) -> None:
     """`raw_loop` with the forward (and so the loss) under bf16 autocast."""
@@ -340,6 +364,8 @@ class Case:
             draws its own batches). Only the cases for the current number run.
         idiomatic: The raw loop as usually written (``.item()`` every step), timed
             too with ``--idiomatic`` (the default on CUDA); None: not for this case.
+        optimizers: Builds the optimizers from the model, for both sides (default: one
+            AdamW with lr 1e-3).
     """
 
     name: str
@@ -358,6 +384,7 @@ class Case:
     needs: str | None = None
     processes: int = 1
     idiomatic: RawLoop | None = None
+    optimizers: Callable[[nn.Module], Any] | None = None
 
     @property
     def accumulation(self) -> int:
@@ -373,6 +400,8 @@ CASES: list[Case] = [
          chunk=50, target=1.10, trainer_kwargs={"log_every": 1}),
     Case("summary-heavy", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
          chunk=50, target=1.03, model=SummaryMLP),
+    Case("tiny-2opt", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
+         chunk=50, target=1.05, raw=raw_loop_two, optimizers=two_optimizers),
     Case("tiny-ddp", (16, 64, 4), batch_size=64, steps=2000, quick_steps=200, rounds=7,
          chunk=50, target=1.05, processes=2),
     Case("tiny-bf16", (16, 64, 4), batch_size=64, steps=1000, quick_steps=200, rounds=7,
@@ -604,6 +633,8 @@ def build(case: Case, device: torch.device, seed: int, raw: bool = False
 
         model = DistributedDataParallel(model)
     model.train()
+    if case.optimizers is not None:
+        return model, case.optimizers(model)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 

@@ -35,8 +35,8 @@ class GANTrainer(TrainerBase):
     def __init__(self, gan: GAN, data, k: int = 1, lr: float = 2e-4, **options) -> None:
         super().__init__(gan, data, find_unused_parameters=True, **options)  # DDP: one part
         self.k = k
-        self.opts = {part: torch.optim.Adam(getattr(gan, part).parameters(), lr,
-                                            betas=(0.5, 0.999)) for part in ("d", "g")}
+        self.optimizers = {part: torch.optim.Adam(  # by name: lr/d and lr/g are logged
+            getattr(gan, part).parameters(), lr, betas=(0.5, 0.999)) for part in ("d", "g")}
 
     def run_step(self, batches: list) -> dict:
         (real,) = self.accumulate(batches)  # on the device; one micro-batch per step
@@ -45,18 +45,18 @@ class GANTrainer(TrainerBase):
             self.model.zero_grad(set_to_none=True)  # the other part's gradients go too
             losses |= self.compute_losses(real, part)  # through DDP under torchrun
             self.precision.backward(losses[part])
-            self.precision.unscale(self.opts[part])
+            self.precision.unscale(self.optimizers[part])
             self.after_backward()  # hooks see the gradients
-            self.precision.step(self.opts[part])  # "g": through the updated discriminator
+            self.precision.step(self.optimizers[part])  # "g": through the updated discriminator
         return losses
 
     def state_dict(self) -> dict:  # the optimizers join the checkpoint
-        return {**super().state_dict(),
-                **{f"opt_{part}": self.optimizer_state_dict(o) for part, o in self.opts.items()}}
+        return {**super().state_dict(), **{f"opt_{part}": self.optimizer_state_dict(opt)
+                                           for part, opt in self.optimizers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        for part, optimizer in self.opts.items():
+        for part, optimizer in self.optimizers.items():
             self.load_optimizer_state_dict(optimizer, state[f"opt_{part}"])
 
 

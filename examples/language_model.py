@@ -13,6 +13,7 @@ token of a short micro-batch many times the weight of one in a long micro-batch.
     python examples/language_model.py              # full run, about 1.5 minutes on a CPU
     python examples/language_model.py --fast       # about 12 seconds, what the test suite runs
     python examples/language_model.py --accum 1    # one micro-batch per step
+    python examples/language_model.py --optimizer muon  # Muon on the matrices, AdamW on the rest
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -279,10 +281,33 @@ def unigram_entropy(pieces: Sequence[torch.Tensor]) -> float:
 # ----------------------------------------------------------------------------- run
 
 
+def is_matrix(name: str, parameter: nn.Parameter) -> bool:
+    """The weights Muon updates: the 2-D matrices inside the transformer blocks. The
+    embeddings, the output head, the norms and the biases stay with AdamW."""
+    return parameter.ndim == 2 and name.startswith("blocks.")
+
+
+def optimizers(kind: str, lr: float = 1e-2) -> Any:
+    """``Trainer(optimizer=...)`` for `kind`: ``"adamw"``, one AdamW over everything, or
+    ``"muon"``, a list of two that step together: Muon over the blocks' matrices and
+    AdamW over the rest. Each factory of the list gets the model and picks its part."""
+    if kind == "adamw":
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    return [
+        lambda model: torch.optim.Muon(
+            [p for name, p in model.named_parameters() if is_matrix(name, p)],
+            lr=lr, weight_decay=0.01, adjust_lr_fn="match_rms_adamw"),
+        lambda model: torch.optim.AdamW(
+            [p for name, p in model.named_parameters() if not is_matrix(name, p)],
+            lr=lr, weight_decay=0.01),
+    ]
+
+
 def main(fast: bool = False, log_dir: str | None = None, progress: bool = True,
          accum: int = 4, steps: int | None = None, min_len: int = 2, max_len: int = 256,
          batch_size: int = 16, eval_every: int | None = None,
-         model_class: type[CharTransformer] = CharTransformer, seed: int = 0) -> float:
+         model_class: type[CharTransformer] = CharTransformer, seed: int = 0,
+         optimizer: str = "adamw") -> float:
     """Train, print held-out numbers, a sample and where the logs are; return the held-out
     negative log-likelihood per character (nats)."""
     train_texts, heldout_texts = stdlib_sources(
@@ -299,11 +324,11 @@ def main(fast: bool = False, log_dir: str | None = None, progress: bool = True,
                       log_every=10, seed=seed, log_dir=log_dir, progress=progress,
                       eval_data=heldout, evaluators=[TokenNLL()],
                       eval_every=eval_every or max(steps // 6, 1),
-                      clip_grad_norm=1.0,
-                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2,
-                                                                 weight_decay=0.01),
+                      clip_grad_norm=1.0, optimizer=optimizers(optimizer),
+                      # One factory, called with each optimizer: each peaks at its own lr.
                       lr_scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-                          opt, max_lr=1e-2, total_steps=steps, pct_start=0.1))
+                          opt, max_lr=[group["lr"] for group in opt.param_groups],
+                          total_steps=steps, pct_start=0.1))
     trainer.fit()
 
     nll = trainer.last_eval["nll_per_char"]  # the evaluation at the end of fit
@@ -325,8 +350,11 @@ if __name__ == "__main__":
     parser.add_argument("--log-dir", default=None, help="run directory (default: runs/<time>)")
     parser.add_argument("--accum", type=int, default=4, help="micro-batches per step")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                        help="AdamW alone, or Muon on the matrices and AdamW on the rest")
     args = parser.parse_args()
     # The model is tiny: its ops are too small to share across cores, and on a busy
     # machine a second thread waiting for a core makes each op many times slower.
     torch.set_num_threads(1)
-    main(fast=args.fast, log_dir=args.log_dir, accum=args.accum, steps=args.steps)
+    main(fast=args.fast, log_dir=args.log_dir, accum=args.accum, steps=args.steps,
+         optimizer=args.optimizer)

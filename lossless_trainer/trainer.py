@@ -269,7 +269,7 @@ class Trainer(TrainerBase):
             check_finite(losses, objective, step, self.dist)
         self.precision.backward(objective)
 
-    def fit(self) -> Any:
+    def fit(self) -> TrainState:
         """`TrainerBase.fit`, once several optimizers are checked to share out the
         trainable parameters (`Optimizers.check_parameters`)."""
         self._optimizers.check_parameters(self.model, self._model_name)

@@ -44,8 +44,8 @@ def main() -> None:
                        progress=False, checkpoint_format=(sys.argv[3:] or ["auto"])[0])
     if trainer.dist.is_main:
         torch.save({"model": trainer.model.state_dict(),
-                    "opt_d": trainer.opts["d"].state_dict(),
-                    "opt_g": trainer.opts["g"].state_dict(),
+                    "opt_d": trainer.optimizers["d"].state_dict(),
+                    "opt_g": trainer.optimizers["g"].state_dict(),
                     "resumed_from": trainer.resumed_from, "step": trainer.state.step}, out)
 
 

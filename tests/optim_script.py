@@ -8,9 +8,11 @@ Modes:
     kill: one process, 12 steps, a checkpoint every 2; with ``KILL_AT=<step>`` it
         SIGKILLs itself in the middle of that step the first time (a marker file
         remembers it). Saves the weights and both optimizers' states to OUT_DIR.
-    ddp, fsdp: under torchrun, 2 ranks of 8 samples each, 12 steps of the alternating
-        dict (``find_unused_parameters=True`` under DDP); then a second Trainer resumes
-        the sharded checkpoint to step 15. Rank 0 saves the weights of both.
+    ddp, fsdp: under torchrun, 2 ranks of 8 samples each, the alternating dict of
+        `dist_optimizers` (``find_unused_parameters=True`` under DDP): 2 steps, whose
+        checkpoint holds 'b' before its first step; a second Trainer resumes it to step
+        12, a third to 15. Rank 0 saves the weights of the last two. ``FORMAT``: the
+        checkpoint format (default: sharded).
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ def pair_optimizers() -> dict:
             "b": lambda m: torch.optim.SGD(m.b.parameters(), lr=0.05, momentum=0.9)}
 
 
+def dist_optimizers() -> dict:
+    """As `pair_optimizers`, with Adam for 'b': a checkpoint that laid out its state by
+    stepping it (torch's way for an optimizer without one) would change its step count."""
+    return {"a": lambda m: torch.optim.SGD(m.a.parameters(), lr=0.05, momentum=0.9),
+            "b": lambda m: torch.optim.Adam(m.b.parameters(), lr=0.05)}
+
+
 def states(trainer: Trainer) -> dict:
     params = trainer.model.state_dict()
     if trainer.dist.strategy == "fsdp":
@@ -100,20 +109,19 @@ def distributed(out: Path, strategy: str) -> None:
 
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(*pair_data(16 * 15)), batch_size=8, shuffle=False)
-    options = {"optimizer": pair_optimizers(), "strategy": strategy, "progress": False,
-               "log_every": 3, "checkpoint_format": "sharded", "checkpoint_every": 6,
-               "log_dir": str(out / "run"), "clip_grad_norm": 0.5}
+    options = {"optimizer": dist_optimizers(), "strategy": strategy, "progress": False,
+               "log_every": 3, "checkpoint_format": os.environ.get("FORMAT", "sharded"),
+               "checkpoint_every": 6, "log_dir": str(out / "run"), "clip_grad_norm": 0.5}
     if strategy == "ddp":
         options["find_unused_parameters"] = True
-    trainer = Trainer(Pair(), loader, max_steps=12, **options)
-    trainer.fit()
-    first = states(trainer)
-    torch.manual_seed(0)
-    again = Trainer(Pair(), loader, max_steps=15, **options)
-    again.fit()
-    second = states(again)  # a collective under FSDP
+    results = []
+    for steps in (2, 12, 15):
+        torch.manual_seed(0)
+        trainer = Trainer(Pair(), loader, max_steps=steps, **options)
+        trainer.fit()
+        results.append(states(trainer))  # a collective under FSDP
     if trainer.dist.is_main:
-        torch.save({"first": first, "resumed": second}, out / f"{strategy}.pt")
+        torch.save({"first": results[1], "resumed": results[2]}, out / f"{strategy}.pt")
 
 
 if __name__ == "__main__":

@@ -209,15 +209,15 @@ def test_a_custom_trainers_own_state_resumes_bit_exactly(tmp_path, checkpoint_fo
     saved = sharded.read_full(newest)
     for part in ("d", "g"):  # the optimizer's parameter i is the part's i-th
         names = [f"{part}.{name}" for name, _ in getattr(whole.model, part).named_parameters()]
-        entries, live = saved[f"opt_{part}"]["state"], whole.opts[part].state_dict()["state"]
+        entries, live = saved[f"opt_{part}"]["state"], whole.optimizers[part].state_dict()["state"]
         assert set(entries) == set(names)
         for index, name in enumerate(names):
             assert torch.equal(entries[name]["exp_avg"], live[index]["exp_avg"]), name
 
 
 def state_of(trainer) -> dict:
-    return {"model": trainer.model.state_dict(), "opt_d": trainer.opts["d"].state_dict(),
-            "opt_g": trainer.opts["g"].state_dict()}
+    return {"model": trainer.model.state_dict(), "opt_d": trainer.optimizers["d"].state_dict(),
+            "opt_g": trainer.optimizers["g"].state_dict()}
 
 
 def assert_same_gan(ours: dict, theirs: dict) -> None:
@@ -244,7 +244,7 @@ def test_the_gan_example_logs_both_losses_and_a_grid_of_samples(tmp_path):
     assert f"tensorboard --logdir {log_dir}" in result.stdout
     rows = read_metrics(log_dir)
     assert [r["step"] for r in rows] == [4, 8, 12]
-    assert all({"loss/d", "loss/g"} <= set(r) for r in rows)
+    assert all({"loss/d", "loss/g", "lr/d", "lr/g"} <= set(r) for r in rows)
     guidance = {kind: 0 for kind in event_accumulator.DEFAULT_SIZE_GUIDANCE}
     events = event_accumulator.EventAccumulator(os.fspath(log_dir), size_guidance=guidance)
     events.Reload()

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from conftest import read_metrics
-from optim_script import Pair, pair_data, pair_optimizers
+from optim_script import Pair, dist_optimizers, pair_data, pair_optimizers
 from torch import nn
 
 from lossless_trainer import Hook, ModelOutputError, Trainer, current_step
@@ -412,20 +412,24 @@ def one_process_pair(log_dir: Path, steps: int) -> nn.Module:
     torch.manual_seed(0)
     model = Pair()
     Trainer(model, DataLoader(TensorDataset(*pair_data(16 * 15)), batch_size=16),
-            optimizer=pair_optimizers(), max_steps=steps, clip_grad_norm=0.5,
+            optimizer=dist_optimizers(), max_steps=steps, clip_grad_norm=0.5,
             log_dir=str(log_dir), progress=False, keep_last=0).fit()
     return model
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_an_alternating_dict_under_torchrun_equals_one_process(tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "checkpoint_format"),
+                         [("ddp", "sharded"), ("fsdp", "sharded"), ("fsdp", "full")])
+def test_an_alternating_dict_under_torchrun_equals_one_process(
+        tmp_path, strategy, checkpoint_format):
     """Two ranks of 8 samples, parameters without gradients at alternate steps: the same
-    weights as one process with the batch of 16, after 12 steps and after a resume of
-    the sharded checkpoint to 15; no hang."""
-    result = script(strategy, tmp_path, nproc=2)
+    weights as one process with the batch of 16, after 12 steps resumed from step 2's
+    checkpoint (taken before 'b' first stepped) and after a resume to 15; no hang."""
+    result = script(strategy, tmp_path, nproc=2, FORMAT=checkpoint_format)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     saved = torch.load(tmp_path / f"{strategy}.pt", weights_only=True)
-    assert saved["resumed"]["resumed_from"].endswith("step-000000012")
+    suffix = ".pt" if checkpoint_format == "full" else ""
+    assert saved["first"]["resumed_from"].endswith(f"step-000000002{suffix}")
+    assert saved["resumed"]["resumed_from"].endswith(f"step-000000012{suffix}")
     for part, steps in (("first", 12), ("resumed", 15)):
         reference = one_process_pair(tmp_path / f"single{steps}", steps)
         for key, value in reference.state_dict().items():
