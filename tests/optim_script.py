@@ -13,6 +13,9 @@ Modes:
         checkpoint holds 'b' before its first step; a second Trainer resumes it to step
         12, a third to 15. Rank 0 saves the weights of the last two. ``FORMAT``: the
         checkpoint format (default: sharded).
+    mixed: under torchrun with DDP, the ranks return different losses at each step
+        (rank 0 'a''s where rank 1 returns 'b''s); each rank saves its weights and its
+        optimizers' step counts.
 """
 
 from __future__ import annotations
@@ -124,10 +127,38 @@ def distributed(out: Path, strategy: str) -> None:
         torch.save({"first": results[1], "resumed": results[2]}, out / f"{strategy}.pt")
 
 
+class Mixed(Pair):
+    """`Pair`, with each rank choosing its losses by its own rank as well as the step."""
+
+    def forward(self, batch):
+        x, y = batch
+        if not self.training:
+            return self.a(x)
+        if (current_step() + int(os.environ["RANK"])) % 2 == 0:
+            return {"b": F.mse_loss(self.b(x) + self.a(x).detach(), y)}
+        return {"a/fit": F.mse_loss(self.a(x), y)}
+
+
+def mixed(out: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(*pair_data(16 * 15)), batch_size=8)
+    trainer = Trainer(Mixed(), loader, optimizer=dist_optimizers(), max_steps=6,
+                      find_unused_parameters=True, log_dir=str(out / "run"), progress=False)
+    trainer.fit()
+    steps = {name: [int(s["step"]) if "step" in s else len(opt.state)
+                    for s in opt.state.values()] for name, opt in trainer.optimizers.items()}
+    torch.save({"params": trainer.model.state_dict(), "steps": steps},
+               out / f"mixed-rank{trainer.dist.rank}.pt")
+
+
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
     target.mkdir(parents=True, exist_ok=True)
     if mode == "kill":
         kill(target)
+    elif mode == "mixed":
+        mixed(target)
     else:
         distributed(target, mode)

@@ -114,3 +114,20 @@ def test_eval_mode_returns_causal_logits_that_padding_cannot_change(lm):
     other = model.predict({"inputs": changed})
     torch.testing.assert_close(other[:, :3], logits[:, :3])  # earlier positions unchanged
     assert lm.decode(lm.encode("a\tb")) == "a?b"  # a tab is outside the vocabulary
+
+
+def test_the_muon_option_trains_the_matrices_with_muon_and_the_rest_with_adamw(lm, tmp_path):
+    """``--optimizer muon``: a list of two optimizers sharing out the parameters, each
+    with its own one-cycle schedule, both logged; it learns (20 steps of the fast
+    mode's data)."""
+    model = lm.CharTransformer()
+    muon, adamw = (factory(model) for factory in lm.optimizers("muon"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for p in muon.param_groups[0]["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in in_muon}
+    assert names == {f"blocks.{i}.{w}.weight" for i in range(2)
+                     for w in ("qkv", "out", "mlp.0", "mlp.2")}
+    nll = lm.main(fast=True, steps=20, log_dir=str(tmp_path), progress=False, optimizer="muon")
+    rows = read_metrics(str(tmp_path))
+    assert {"lr/0", "lr/1", "loss/nll"} <= rows[-1].keys()
+    assert nll < math.log(97) - 1.0  # well below the uniform distribution's 4.57

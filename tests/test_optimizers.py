@@ -436,3 +436,18 @@ def test_an_alternating_dict_under_torchrun_equals_one_process(
             assert torch.allclose(saved[part]["params"][key], value, atol=1e-6), (part, key)
     log = read_metrics(tmp_path / "run")
     assert {"lr/a", "lr/b", "grad_norm/a", "grad_norm/b"} <= log[-1].keys()
+
+
+def test_under_torchrun_an_optimizer_steps_on_every_rank_when_any_rank_returned_its_losses(
+        tmp_path):
+    """Rank 0 returns 'a''s losses where rank 1 returns 'b''s, and the other way round
+    at the next step: both optimizers step at every step on both ranks, which stay
+    equal (DDP averages the gradients, zero from the rank without the loss)."""
+    result = script("mixed", tmp_path, nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    rank0, rank1 = (torch.load(tmp_path / f"mixed-rank{r}.pt", weights_only=True)
+                    for r in (0, 1))
+    for key, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][key]), key
+    assert rank0["steps"] == rank1["steps"]
+    assert rank0["steps"]["b"] == [6, 6]  # Adam's step count: all 6 steps
