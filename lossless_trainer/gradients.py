@@ -26,6 +26,8 @@ def clip_gradients(params: Sequence[nn.Parameter], max_norm: float | None = None
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # type: ignore[arg-type]
     else:
         grads = [p.grad for p in params if p.grad is not None]
+        if not grads:  # nothing reached these parameters this step
+            return torch.zeros((), device=params[0].device if params else None)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
                                                      for g in grads]))
         torch.nn.utils.clip_grad_value_(params, max_value)

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -176,9 +177,11 @@ def learning_rates(trainer: TrainerView) -> dict[str, float]:
     group (its ``"name"``, else ``group<i>``) of an optimizer that has several."""
     named = trainer.optimizers or (
         {"": trainer.optimizer} if isinstance(trainer.optimizer, torch.optim.Optimizer) else {})
+    if not isinstance(named, Mapping):  # a custom trainer's list: "0", "1", ...
+        named = {str(i): optimizer for i, optimizer in enumerate(named)}
     lrs = {}
     for name, optimizer in named.items():
-        groups = optimizer.param_groups
+        groups = getattr(optimizer, "param_groups", ())  # not an optimizer: nothing
         base = f"lr/{name}" if name else "lr"
         if len(groups) == 1:
             lrs[base] = float(groups[0]["lr"])

@@ -34,6 +34,10 @@ __all__ = ["Optimizers", "build_optimizer", "build_scheduler", "check_optimizer_
 # ``lr_scheduler``, as they always were.
 ONE = ""
 
+_FACTORY_HINT = ("in a list or a dict each factory is called with the model and picks its "
+                 "own parameters, e.g. lambda model: torch.optim.AdamW("
+                 "model.head.parameters(), lr=1e-3)")
+
 
 def summary_name(base: str, name: str) -> str:
     """The tag of an optimizer's summary: ``base`` for the single optimizer (`ONE`),
@@ -52,11 +56,8 @@ def check_optimizer_options(optimizer: Any, lr_scheduler: Any) -> None:
                 raise TypeError(f"{where} must be a torch.optim.Optimizer or a factory taking "
                                 f"the model, got {type(entry).__name__}")
             if _takes_parameters(entry):
-                raise TypeError(
-                    f"{where} is {_describe(entry)}, which would be called with the whole "
-                    "model: in a list or a dict each factory is called with the model and "
-                    "chooses its own parameters, e.g. "
-                    "lambda model: torch.optim.AdamW(model.head.parameters(), lr=1e-3)")
+                raise TypeError(f"{where} is {_describe(entry)}, which would be called with "
+                                f"the whole model: {_FACTORY_HINT}")
         _check_schedulers(lr_scheduler, entries, isinstance(optimizer, dict))
         return
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) \
@@ -365,15 +366,21 @@ def _build(name: str, entry: Any, model: nn.Module) -> torch.optim.Optimizer:
     """One optimizer of a list or dict: given (over this model's parameters), or built by
     a factory called with the model."""
     if not isinstance(entry, torch.optim.Optimizer):
-        built = entry(model)
+        try:
+            built = entry(model)
+        except TypeError as exc:  # most likely a factory of parameters, as for one optimizer
+            raise TypeError(f"the factory of optimizer {name!r} failed when called with "
+                            f"the model ({exc}): {_FACTORY_HINT}") from exc
         if not isinstance(built, torch.optim.Optimizer):
             raise TypeError(f"the factory of optimizer {name!r} returned "
                             f"{type(built).__name__}, not a torch.optim.Optimizer")
         entry = built
-    try:
-        return build_optimizer(entry, model)
-    except ValueError as exc:
-        raise ValueError(f"optimizer {name!r}: {exc}") from exc
+    own = {id(p) for p in model.parameters()}
+    foreign = sum(id(p) not in own for group in entry.param_groups for p in group["params"])
+    if foreign:
+        raise ValueError(f"optimizer {name!r} holds {foreign} tensor(s) that are not "
+                         f"parameters of {type(model).__name__}: {_FACTORY_HINT}")
+    return entry
 
 
 def _scheduler_for(lr_scheduler: Any, name: str, index: int) -> Any:

@@ -9,6 +9,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 __all__ = ["Precision"]
 
@@ -66,16 +67,26 @@ class Precision:
     def step(self, *optimizers: torch.optim.Optimizer) -> None:
         """Step `optimizers`; with fp16, skip those whose gradients are not finite, update
         the scale once, and count a step whose scale went down as skipped, on the
-        device."""
+        device. An optimizer that `unscale` found without any gradient is left alone
+        (as its own step would do nothing), where the GradScaler would raise."""
         if self.scaler is None:
             for optimizer in optimizers:
                 optimizer.step()
             return
+        scaler = self.scaler
         # get_scale() would sync; compare the scale tensor on the device instead.
-        before = self.scaler._scale.clone()  # noqa: SLF001
+        before = scaler._scale.clone()  # noqa: SLF001
+        stepped = False
         for optimizer in optimizers:
-            self.scaler.step(optimizer)
-        self.scaler.update()
+            state = scaler._per_optimizer_states[id(optimizer)]  # noqa: SLF001
+            if state["stage"] is OptState.UNSCALED and not state["found_inf_per_device"]:
+                continue  # unscaled and found no gradient: nothing to step
+            scaler.step(optimizer)
+            stepped = True
+        if not stepped:  # no gradient at all: no scale to update, nothing skipped
+            scaler._per_optimizer_states.clear()  # noqa: SLF001 - as update() would
+            return
+        scaler.update()
         skipped = (self.scaler._scale < before).to(torch.int64)  # noqa: SLF001
         self.skipped_steps = skipped if self.skipped_steps is None else self.skipped_steps + skipped
 

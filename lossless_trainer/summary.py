@@ -288,11 +288,14 @@ class SummarySink:
 
     @contextmanager
     def activate(self) -> Iterator[SummarySink]:
-        """Make this the sink `write_summary` reaches, for the duration of the block."""
+        """Make this the sink `write_summary` reaches, for the duration of the block
+        (`current_step` is None in it until the first `begin_step`, and after it)."""
         token = _SINK.set(self)
+        self.training_step = None
         try:
             yield self
         finally:
+            self.training_step = None
             _SINK.reset(token)
 
     @property

@@ -17,7 +17,7 @@ from conftest import read_metrics
 from optim_script import Pair, dist_optimizers, pair_data, pair_optimizers
 from torch import nn
 
-from lossless_trainer import Hook, ModelOutputError, Trainer, current_step
+from lossless_trainer import Hook, ModelOutputError, Trainer, TrainerBase, current_step
 from lossless_trainer.checkpoint import CheckpointError, list_checkpoints
 from lossless_trainer.export import export_model
 
@@ -285,10 +285,70 @@ def test_a_factory_returning_no_optimizer_or_one_over_other_parameters_is_named(
                 optimizer={"a": lambda m: torch.optim.SGD(m.a.parameters(), lr=0.1),
                            "b": lambda m: None})
     other = nn.Linear(4, 1)
-    with pytest.raises(ValueError, match="optimizer '1': the optimizer holds 2 tensor"):
+    with pytest.raises(ValueError, match="optimizer '1' holds 2 tensor.s. that are not "
+                                         "parameters of Pair: in a list or a dict each factory"):
         Trainer(Pair(), pair_batches(1), **quiet,
                 optimizer=[lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                            torch.optim.SGD(other.parameters(), lr=0.1)])
+
+
+def test_a_factory_of_parameters_in_a_list_is_explained(quiet):
+    with pytest.raises(TypeError, match=r"the factory of optimizer '0' failed when called "
+                                        r"with the model \(.*\): in a list or a dict each "
+                                        r"factory is called with the model"):
+        Trainer(Pair(), pair_batches(1), **quiet,
+                optimizer=[lambda params: torch.optim.AdamW(params)])
+
+
+class HeadOnSome(Both):
+    """`Both`, whose 'b' loss is left out at even steps: at those steps the optimizer of
+    'b' in a list steps with no gradient at all."""
+
+    def forward(self, batch):
+        losses = {key: 1e-3 * loss for key, loss in super().forward(batch).items()}
+        if current_step() % 2 == 0:  # small enough that fp16 skips no step
+            del losses["b"]
+        return losses
+
+
+@pytest.mark.parametrize("precision", ["32", "fp16"])
+def test_a_list_optimizer_without_gradients_at_a_step_is_left_alone(quiet, precision):
+    """fp16's GradScaler refuses to step an optimizer it found no gradient for; the
+    step leaves it alone, as its own step would, and clipping by value logs a zero
+    norm for it, in both precisions the same."""
+    torch.manual_seed(0)
+    model = HeadOnSome()
+    trainer = Trainer(model, pair_batches(4), precision=precision, clip_grad_value=10.0,
+                      log_every=1, **quiet, optimizer=[
+                          lambda m: torch.optim.SGD(m.a.parameters(), lr=0.01),
+                          lambda m: torch.optim.Adam(m.b.parameters(), lr=0.01)])
+    trainer.fit()
+    assert trainer.optimizers["1"].state[model.b[0].weight]["step"] == 2  # steps 1 and 3
+    log = read_metrics(quiet["log_dir"])
+    assert [r["grad_norm/1"] == 0.0 for r in log] == [False, True, False, True]
+    if precision == "fp16":
+        assert trainer.precision.skipped_steps.item() == 0
+
+
+def test_a_custom_trainers_list_of_optimizers_is_logged_by_index(quiet):
+    class Two(TrainerBase):
+        def __init__(self, model, data, **options):
+            super().__init__(model, data, **options)
+            self.optimizers = [torch.optim.SGD(model.a.parameters(), lr=0.1),
+                               torch.optim.SGD(model.b.parameters(), lr=0.2)]
+
+        def run_step(self, batches):
+            (batch,) = self.accumulate(batches)
+            losses = self.compute_losses(batch)
+            sum(losses.values()).backward()
+            self.after_backward()
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad()
+            return losses
+
+    Two(Both(), pair_batches(2), log_every=1, **quiet).fit()
+    assert read_metrics(quiet["log_dir"])[-1]["lr/1"] == 0.2
 
 
 # -- checkpoints --------------------------------------------------------------------------------
