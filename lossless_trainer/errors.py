@@ -21,11 +21,18 @@ class NonFiniteLossError(FloatingPointError):
     Attributes:
         first_steps (dict[str, int]): For every loss key that went non-finite, the first
             step it did.
+        ranks (dict[str, int] | None): Under torchrun, the rank each key went non-finite
+            on first, when known.
+        replay (str | None): Where the failure is recorded and the command that replays
+            it (the end of the message), once `fit` has recorded it.
     """
 
-    def __init__(self, message: str, first_steps: dict[str, int]) -> None:
+    def __init__(self, message: str, first_steps: dict[str, int],
+                 ranks: dict[str, int] | None = None) -> None:
         super().__init__(message)
         self.first_steps = first_steps
+        self.ranks = ranks
+        self.replay: str | None = None  # how to replay it, once recorded (nonfinite.py)
 
 
 class RunDirectoryError(RuntimeError):
@@ -64,4 +71,7 @@ def first_cause(exc: BaseException, later: list[BaseException]) -> BaseException
     if hasattr(cause, "add_note"):
         cause.add_note("[lossless_trainer] raised instead of the later failure it led "
                        f"to: {type(exc).__name__}: {exc}")
+    replay = getattr(exc, "replay", None)  # found NaN weights first: how to replay them
+    if replay and not cause.replay and cause.args and isinstance(cause.args[0], str):
+        cause.args, cause.replay = (f"{cause.args[0]}\n{replay}", *cause.args[1:]), replay
     return cause

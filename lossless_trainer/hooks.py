@@ -411,9 +411,8 @@ def _raise_if_nonfinite(record: SummaryRecord, loss_tags: dict[str, str]) -> Non
         raise NonFiniteLossError(
             f"non-finite loss (NaN or Inf): {first} (detected at the flush of step "
             f"{record.step}). Weights updated after that step are suspect. To stop before "
-            "the optimizer steps on a bad loss, use Trainer(finite_check='step'); to find "
-            "the operation, torch.autograd.set_detect_anomaly(True)",
-            bad,
+            "the optimizer steps on a bad loss, use Trainer(finite_check='step')",
+            bad, ranks,
         )
 
 

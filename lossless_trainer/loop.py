@@ -25,6 +25,7 @@ from .evaluation import Evaluator, as_evaluator, evaluate_in_run
 from .hooks import Hook, HookList, builtin_hooks
 from .logbook import Logbook
 from .means import Mean, split_losses
+from .nonfinite import nonfinite_hook, replayed
 from .options import check_options, epoch_limit, fresh_run_dir, planned_steps
 from .precision import Precision
 from .prefetch import DevicePrefetch
@@ -94,13 +95,14 @@ class TrainerBase(StepPieces, ABC):
                       batch_size=batch_size, async_checkpoint=async_checkpoint,
                       checkpoint_format=checkpoint_format, prefetch=prefetch)
         self.extra_writers = check_writers(writers)
+        self.replay, (log_dir, resume, max_steps, keep_last) = replayed(  # a failed step again
+            log_dir, resume, max_steps, keep_last)  # (LOSSLESS_TRAINER_REPLAY): nonfinite.py
         self.dist = dist = Distributed.setup(device, strategy)
         self.device = dist.device
         self.model = model.to(self.device)
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
-        # What a step calls: the DDP wrapper, or the model itself. `self.model` stays the
-        # user's module, so checkpoints have the same keys with or without torchrun.
+        # What a step calls: the DDP wrapper, or the model itself (`self.model` stays yours).
         self._train_model = dist.wrap(self.model, find_unused_parameters, fsdp_units)
         # Looked up once: a missing attribute of an nn.Module costs an exception each time.
         self._wrapped_no_sync = getattr(self._train_model, "no_sync", None)
@@ -116,12 +118,11 @@ class TrainerBase(StepPieces, ABC):
         self.state, self.seed, self.handle_signals = TrainState(), seed, handle_signals
         self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
         self.eval_data, self.evaluators = eval_data, [as_evaluator(e) for e in evaluators]
-        # Every rank must agree on the run directory: rank 0 names it.
         self.log_dir = os.fspath(log_dir) if log_dir is not None else dist.on_main(fresh_run_dir)
         self.logbook = Logbook(dist, self.make_writers, lambda: self.stop.request is not None)
         self.sink = self.logbook.sink
         self.stop = StopControl(dist, self.sink)
-        self.hooks = HookList([*builtin_hooks(
+        self.hooks = HookList([nonfinite_hook(self.replay, log_dir is None), *builtin_hooks(
             evaluate=eval_data is not None, eval_every=eval_every,
             checkpoint_every=checkpoint_every, keep_last=keep_last,
             progress=progress and dist.is_main, batch_size=batch_size), *callbacks])
@@ -131,8 +132,7 @@ class TrainerBase(StepPieces, ABC):
                                          self.cursor, self.hooks, self.sink)
         self.checkpoint_dir, self.checkpoint_format, self._saver = (
             self.checkpointer.directory, self.checkpointer.format, self.checkpointer.saver)
-        # What hooks read (`TrainerView`): this step's batches (as the data yielded them)
-        # and their losses; `fit`'s outcome.
+        # What hooks read (`TrainerView`): this step's batches, their losses; fit's outcome.
         self.batch: Any = None
         self.micro_batches: Sequence[Any] = ()
         self.losses: Mapping[str, torch.Tensor | Mean] = {}
@@ -162,7 +162,7 @@ class TrainerBase(StepPieces, ABC):
             return self.state
         with claim_run_dir(self.log_dir, self.dist):
             if not self._prepared:
-                self._seed_and_resume(self.resume, set_aside=True)
+                self._seed_and_resume(self.resume, set_aside=self.replay is None)
             return self._loop()
 
     def _loop(self) -> TrainState:
@@ -259,7 +259,8 @@ class TrainerBase(StepPieces, ABC):
         which an earlier run's logs are dropped; None drops nothing."""
         if not self.dist.is_main:
             return BackgroundWriter([])
-        return BackgroundWriter(open_writers(self.log_dir, start_step, self.extra_writers))
+        return BackgroundWriter(open_writers(self.replay.log_dir if self.replay else self.log_dir,
+                                             start_step, self.extra_writers))
 
     # -- what hooks read (`TrainerView`) ----------------------------------------------------
 

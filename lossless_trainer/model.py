@@ -219,14 +219,20 @@ def check_finite(losses: Mapping[str, Any], total: torch.Tensor, step: int, dist
     bad = {key: step for key, loss in losses.items()
            if not bool(torch.isfinite(loss.total if type(loss) is Mean else loss))}
     where = ", ".join(repr(key) for key in bad) or "the total"
+    ranks = None
     if dist.enabled:
         per_rank = dist.all_gather(None if finite else sorted(bad))
         where = "; ".join(f"rank {rank}: {', '.join(map(repr, keys)) or 'the total'}"
                           for rank, keys in enumerate(per_rank) if keys is not None)
+        ranks = {}
+        for rank, keys in enumerate(per_rank):
+            for key in keys or ():
+                ranks.setdefault(key, rank)
+        bad = {key: step for key in ranks} or bad
     raise NonFiniteLossError(
         f"non-finite loss (NaN or Inf) at step {step}: {where}. The optimizer did not "
         "step; the weights are those of the previous step",
-        bad,
+        bad, ranks,
     )
 
 

@@ -135,8 +135,8 @@ def test_a_trainer_orders_its_built_in_hooks_as_documented(quiet):
                       callbacks=[lossless_trainer.EarlyStopping("val"), Mine()],
                       **{**quiet, "progress": True})
     names = [type(hook).__name__ for hook in trainer.hooks.hooks]
-    assert names == ["Mine", "EvaluationHook", "EarlyStopping", "LoggingHook",
-                     "CheckpointHook", "ProgressHook"]
+    assert names == ["FailureHook", "Mine", "EvaluationHook", "EarlyStopping",
+                     "LoggingHook", "CheckpointHook", "ProgressHook"]
 
 
 def test_the_architecture_page_names_every_module():
