@@ -88,6 +88,7 @@ class Checkpointer:
         # id), whose tensors DCP writes. None: the full format.
         self._sharding: dict[int, None] | None = None
         self._loading: str | None = None  # the sharded checkpoint being loaded
+        self.read_only = False  # a replay of a failure (nonfinite.py): `save` writes nothing
 
     # -- the run's state ---------------------------------------------------------------------
 
@@ -191,7 +192,11 @@ class Checkpointer:
              keep_last: int | None = None) -> None:
         """Write the checkpoint of `state_dict()` to `path` (see
         `TrainerBase.save_checkpoint`); every rank calls it. With `keep_last`, prune the
-        directory's older checkpoints once this one is complete."""
+        directory's older checkpoints once this one is complete. With `read_only` (a
+        replay of a failure, which changes nothing of the run), write nothing."""
+        if self.read_only:
+            logger.warning("not saving %s: a replay writes no checkpoint", path)
+            return
         def written() -> None:
             if keep_last is not None:
                 prune_checkpoints(os.path.dirname(path), keep_last, just_saved=path)
@@ -342,6 +347,8 @@ def _choose(resume: Any, checkpoint_dir: str, dist: Distributed
     sharded one, its ``trainer.pt``). Every rank calls it and gets the same path."""
     def listing() -> list[tuple[bool, str]]:
         remove_stale_temporaries(checkpoint_dir)
+        if resume is None:  # a replay from the start: the checkpoints there are later
+            return []
         if resume is False:
             existing = list_checkpoints(checkpoint_dir)
             if existing:

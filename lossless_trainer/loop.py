@@ -20,7 +20,6 @@ from torch import nn
 from .checkpointer import Checkpointer
 from .data import length, micro_batch_groups
 from .distributed import Distributed
-from .errors import first_cause
 from .evaluation import Evaluator, as_evaluator, evaluate_in_run
 from .hooks import Hook, HookList, builtin_hooks
 from .logbook import Logbook
@@ -95,7 +94,7 @@ class TrainerBase(StepPieces, ABC):
                       batch_size=batch_size, async_checkpoint=async_checkpoint,
                       checkpoint_format=checkpoint_format, prefetch=prefetch)
         self.extra_writers = check_writers(writers)
-        self.replay, (log_dir, resume, max_steps, keep_last) = replayed(  # a failed step again
+        self._replay, (log_dir, resume, max_steps, keep_last) = replayed(  # a failed step again
             log_dir, resume, max_steps, keep_last)  # (LOSSLESS_TRAINER_REPLAY): nonfinite.py
         self.dist = dist = Distributed.setup(device, strategy)
         self.device = dist.device
@@ -116,13 +115,14 @@ class TrainerBase(StepPieces, ABC):
             dist.rank, dist.world_size)
         self._prefetch = DevicePrefetch(self.device, prefetch)  # CUDA: side-stream copies
         self.state, self.seed, self.handle_signals = TrainState(), seed, handle_signals
-        self.resume = resume if resume is False or resume == "auto" else os.fspath(resume)
+        self.resume = resume if resume in (False, None, "auto") else os.fspath(resume)
         self.eval_data, self.evaluators = eval_data, [as_evaluator(e) for e in evaluators]
         self.log_dir = os.fspath(log_dir) if log_dir is not None else dist.on_main(fresh_run_dir)
         self.logbook = Logbook(dist, self.make_writers, lambda: self.stop.request is not None)
         self.sink = self.logbook.sink
         self.stop = StopControl(dist, self.sink)
-        self.hooks = HookList([nonfinite_hook(self.replay, log_dir is None), *builtin_hooks(
+        self._nonfinite = nonfinite_hook(self._replay, log_dir is None)  # records, replays
+        self.hooks = HookList([self._nonfinite, *builtin_hooks(
             evaluate=eval_data is not None, eval_every=eval_every,
             checkpoint_every=checkpoint_every, keep_last=keep_last,
             progress=progress and dist.is_main, batch_size=batch_size), *callbacks])
@@ -162,7 +162,7 @@ class TrainerBase(StepPieces, ABC):
             return self.state
         with claim_run_dir(self.log_dir, self.dist):
             if not self._prepared:
-                self._seed_and_resume(self.resume, set_aside=self.replay is None)
+                self._seed_and_resume(self.resume, set_aside=self._replay is None)
             return self._loop()
 
     def _loop(self) -> TrainState:
@@ -217,7 +217,8 @@ class TrainerBase(StepPieces, ABC):
     def _teardown(self, exc: BaseException | None) -> BaseException | None:
         """The end of a fit, ended by `exc` or not: every hook's `on_exception` (if so)
         and `after_train`, the checkpoint being written, the writers. Returns what `fit`
-        raises (after `exc`: the first cause, `first_cause`)."""
+        raises (after `exc`: the first cause, `first_cause`), a non-finite one recorded
+        for its replay (nonfinite.py's `settle`)."""
         self.batch, self.exception = None, exc
         errors: list[BaseException] = []
         try:
@@ -229,9 +230,7 @@ class TrainerBase(StepPieces, ABC):
             errors += self.checkpointer.finish(failed=exc is not None)
         finally:
             errors += self.logbook.close()
-        if exc is not None:
-            self.exception = first_cause(exc, errors)
-        return self.exception if exc is not None else next(iter(errors), None)
+        return self._nonfinite.settle(self, exc, errors)
 
     # -- extension points -------------------------------------------------------------------
 
@@ -259,7 +258,7 @@ class TrainerBase(StepPieces, ABC):
         which an earlier run's logs are dropped; None drops nothing."""
         if not self.dist.is_main:
             return BackgroundWriter([])
-        return BackgroundWriter(open_writers(self.replay.log_dir if self.replay else self.log_dir,
+        return BackgroundWriter(open_writers(self._replay.log_dir if self._replay else self.log_dir,
                                              start_step, self.extra_writers))
 
     # -- what hooks read (`TrainerView`) ----------------------------------------------------

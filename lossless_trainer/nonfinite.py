@@ -36,9 +36,9 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import list_checkpoints
+from .checkpoint import checkpoint_step, list_checkpoints
 from .data import move_to_device
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, first_cause
 from .hooks import Hook
 from .means import Mean
 from .state import TrainerView, logger
@@ -130,7 +130,8 @@ class Replay:
     def __init__(self, run_dir: str, failure: Failure) -> None:
         self.run_dir, self.failure = run_dir, failure
         self.log_dir = os.path.join(run_dir, "nonfinite", f"replay-of-step-{failure.step}")
-        self.resume: str | bool = failure.checkpoint or False
+        # None: from the start, whatever the directory holds (its checkpoints are later).
+        self.resume: str | None = failure.checkpoint
         self.max_steps = failure.step
 
 
@@ -138,21 +139,35 @@ class Replay:
 
 
 class FailureHook(Hook):
-    """Writes the record of a fit that failed on a non-finite value, and the command that
-    replays it into the error; with ``finite_check="step"`` the report too, from the
-    step's batches at hand."""
+    """Records a fit that failed on a non-finite value (`settle`, at the end of `fit`,
+    once the first cause is known), and puts the command that replays it into the error;
+    with ``finite_check="step"`` the report too, from the step's batches at hand. It has
+    no hook method: nothing runs while nothing fails."""
 
     priority = 10  # before your hooks (`Priority.DEFAULT`), which may read what it checks
 
     def __init__(self, named_for_it: bool = False) -> None:
         self.named_for_it = named_for_it
 
-    def on_exception(self, trainer: TrainerView, exc: BaseException) -> None:
-        if not isinstance(exc, NonFiniteLossError):
-            return
+    def settle(self, trainer: Any, exc: BaseException | None,
+               errors: list[BaseException]) -> BaseException | None:
+        """What `fit` raises (`first_cause` of `exc` and the teardown's `errors`), a
+        non-finite one recorded first."""
+        error = _settled(trainer, exc, errors)
+        if isinstance(error, NonFiniteLossError) and error.replay is None:
+            try:
+                self._record(trainer, error)
+            except Exception as problem:  # the record must not hide the error it records
+                logger.warning("could not record the non-finite failure: %s", problem)
+        return error
+
+    def _record(self, trainer: Any, exc: NonFiniteLossError) -> None:
         # A loss's first step; for weights found non-finite at a checkpoint, its step.
         step = min(exc.first_steps.values()) if exc.first_steps else trainer.state.step
         earlier = [path for s, path in list_checkpoints(trainer.checkpoint_dir) if s < step]
+        started = trainer.resumed_from  # the checkpoint this fit began from, if any
+        if not earlier and started and (checkpoint_step(started) or step) < step:
+            earlier = [started]
         failure = Failure(step=step, ranks=sorted(set((exc.ranks or {}).values())),
                           losses=sorted(exc.first_steps), message=str(exc),
                           checkpoint=earlier[-1] if earlier else None)
@@ -167,19 +182,35 @@ class FailureHook(Hook):
         exc.replay = (f"The record is in {where}. " + (
             f"The report of step {step}, with its batches, is in {report}. "
             if report else "")
-            + f"To replay step {step} from "
-            + (f"checkpoint {failure.checkpoint}" if failure.checkpoint else "the start")
+            + (f"To replay step {step}" if exc.first_steps else  # weights: by this step
+               f"To replay the steps up to {step}, stopping at the first non-finite value,")
+            + " from " + (f"checkpoint {failure.checkpoint}" if failure.checkpoint
+                          else "the start")
             + f" and save its batch and the operation that failed: {command}")
         _extend(exc, exc.replay)
+
+
+def _settled(trainer: Any, exc: BaseException | None,
+             errors: list[BaseException]) -> BaseException | None:
+    """`TrainerBase._teardown`'s outcome: after `exc`, its first cause (`first_cause`),
+    which becomes `trainer.exception`; else the teardown's first error, or None."""
+    if exc is None:
+        return next(iter(errors), None)
+    trainer.exception = first_cause(exc, errors)
+    return trainer.exception
 
 
 def replay_command(run_dir: str | None = None) -> str:
     """This process's command line with the replay variable set (to 1, or to `run_dir`
     for a run whose directory was chosen for it: the same command would choose
-    another); under torchrun, the torchrun command (read from the parent process)."""
-    argv = [sys.executable, *sys.argv]
-    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
-        argv = _parent_command() or ["torchrun", "...", *sys.argv]
+    another): as Python received it (``python -m pkg.train``, flags kept); under
+    torchrun, the torchrun command (read from the parent process)."""
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        parent = _parent_command()
+        if parent and any("torchrun" in part or "torch.distributed.run" in part
+                          for part in parent[:3]):
+            argv = parent
     return f"{REPLAY}={shlex.quote(run_dir) if run_dir else 1} {shlex.join(argv)}"
 
 
@@ -216,8 +247,10 @@ class ReplayHook(Hook):
         self.replay = replay
         self.calls: list[tuple[tuple[Any, ...], dict[str, Any], Any, Mapping[str, Any]]] = []
         self.found = False
+        self.raised: NonFiniteLossError | None = None  # the replay's own error
 
     def before_train(self, trainer: TrainerView) -> None:
+        trainer.checkpointer.read_only = True  # type: ignore[attr-defined] # a hook's too
         original = getattr(trainer, "compute_losses")  # noqa: B009 - not on TrainerView
 
         def recorded(*args: Any, **kwargs: Any) -> Any:
@@ -254,8 +287,8 @@ class ReplayHook(Hook):
         self._check(trainer, trainer.state.step, ("weights", bad, None) if bad else None)
 
     def after_train(self, trainer: TrainerView) -> None:
-        vars(trainer).pop("compute_losses", None)  # the method again
-        if trainer.exception is None and not self.found:
+        if trainer.exception is None and not self.found \
+                and trainer.state.step >= self.replay.max_steps:  # not stopped before it
             raise RuntimeError(
                 f"the failure did not reproduce: the replay of {self.replay.run_dir} reached "
                 f"step {trainer.state.step} from "
@@ -276,11 +309,33 @@ class ReplayHook(Hook):
         what, names = (found[0], found[1]) if found else ("value", ["on another rank"])
         if trainer.dist.is_main and report:
             print(summary(report), flush=True)
-        raise NonFiniteLossError(
+        self.raised = NonFiniteLossError(
             f"non-finite {what} at step {step} in the replay ({', '.join(names[:5])}"
             f"{', ...' if len(names) > 5 else ''}); the report, with the step's batches "
             f"and the operation that produced it, is {report}",
             {name: step for name in names} if what == "loss" else {})
+        raise self.raised
+
+    def settle(self, trainer: Any, exc: BaseException | None,
+               errors: list[BaseException]) -> BaseException | None:
+        """What `fit` raises: the replay's own error, never replaced by what the teardown
+        found after it; a non-finite loss that the step itself raised first
+        (``finite_check="step"``) gets its report here."""
+        vars(trainer).pop("compute_losses", None)  # the method again
+        if self.raised is not None:
+            trainer.exception = self.raised
+            return self.raised
+        error = _settled(trainer, exc, errors)
+        if isinstance(error, NonFiniteLossError) and error.first_steps and self.calls:
+            index = next((i for i, (_, _, _, losses) in enumerate(self.calls)
+                          if not all(_finite(v) for v in losses.values())), None)
+            found = None if index is None else ("loss", sorted(error.first_steps), index)
+            report = write_report(trainer, min(error.first_steps.values()), found, self.calls)
+            if report:
+                print(summary(report), flush=True)
+                _extend(error, f"The report of the replay, with the step's batches and the "
+                               f"operation that produced it, is {report}")
+        return error
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -364,9 +419,11 @@ def _part(trainer: TrainerView, step: int, found: tuple[str, Sequence[str], int 
     what, names, index = found
     operation = None
     if what != "weights" and calls:
-        if trainer.dist.strategy == "fsdp":
-            operation = {"phase": None, "operation": None, "where": "not searched under "
-                         "FSDP: running one rank's micro-batch again needs every rank"}
+        if trainer.dist.strategy == "fsdp" or any(
+                isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()):
+            operation = {"phase": None, "operation": None, "where": "not searched: under "
+                         "FSDP or with SyncBatchNorm, running one rank's micro-batch again "
+                         "needs every rank"}
         else:  # a gradient: the first micro-batch whose backward makes one
             for i in ([index] if index is not None else range(len(calls))):
                 args, kwargs, rng, _ = calls[i]
@@ -420,16 +477,19 @@ class _Watch(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         out = func(*args, **(kwargs or {}))
+        # Inputs count a float argument too: a mask filled with -inf is meant, not found.
         if self.found is None and not _all_finite(out) and _all_finite((args, kwargs)):
-            name = str(func.overloadpacket.__name__)
-            node = torch._C._current_autograd_node()
-            if node is None:
-                self.found = {"operation": name,
-                              "where": _user_frames(traceback.extract_stack()[:-1])}
-            else:
-                self.found = {"operation": node.name(), "kernel": name, "where": _forward_trace(
-                    "".join(node.metadata.get("traceback_", [])))}
+            self.found = self._where(func)
         return out
+
+    @staticmethod
+    def _where(func: Any) -> dict[str, Any]:
+        name = str(func.overloadpacket.__name__)
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return {"operation": name, "where": _user_frames(traceback.extract_stack()[:-2])}
+        return {"operation": node.name(), "kernel": name, "where": _forward_trace(
+            "".join(node.metadata.get("traceback_", [])))}
 
 
 def first_nonfinite_operation(model: torch.nn.Module, args: tuple[Any, ...],
@@ -550,11 +610,16 @@ def _finite(value: Any) -> bool:
 
 
 def _all_finite(tree: Any) -> bool:
-    tensors = [t for t in pytree.tree_leaves(tree)
+    """Whether every floating tensor and float in `tree` is finite."""
+    leaves = pytree.tree_leaves(tree)
+    if any(isinstance(x, float) and not math.isfinite(x) for x in leaves):
+        return False  # a -inf fill value, say
+    tensors = [t for t in leaves
                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not tensors:
         return True
     return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
 
 
 def _number(value: Any) -> float | str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,10 +97,9 @@ def test_a_failing_fit_records_the_step_and_ends_with_the_replay_command(tmp_pat
         run(tmp_path).fit()
     message = str(caught.value)
     assert "'log' first at step 7" in message
-    assert message.splitlines()[-1].endswith(
+    assert message.splitlines()[-1].endswith(  # the command as Python received it
         "and save its batch and the operation that failed: " + f"{REPLAY}=1 "
-        + " ".join(__import__("shlex").quote(a) for a in
-                   [__import__("sys").executable, *__import__("sys").argv]))
+        + shlex.join(sys.orig_argv))
     assert f"from checkpoint {tmp_path / 'checkpoints' / 'step-000000006.pt'}" in message
     record = json.loads((tmp_path / "nonfinite" / "failure.json").read_text())
     assert record["step"] == 7 and record["losses"] == ["log"]
@@ -306,7 +307,6 @@ def test_compile_replays_with_the_eager_model(tmp_path, monkeypatch):
 def test_under_torchrun_each_rank_saves_its_batch_and_the_report_names_the_failing_rank(
         tmp_path):
     import subprocess
-    import sys
 
     def torchrun(**env):
         return subprocess.run(
@@ -370,3 +370,111 @@ def test_a_run_whose_directory_was_chosen_for_it_is_replayed_by_its_path(
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 7"):
         unnamed().fit()
     assert os.listdir(tmp_path / "runs") == [os.path.basename(first.log_dir)]
+
+
+class RootOfFeature(Regression):
+    """A loss that takes the square root of a shifted feature: NaN in the forward and in
+    its gradient when a batch holds a feature below -10, so the weights go NaN too."""
+
+    def extra(self, x):
+        shifted = (x[:, 0] + 10.0) * (self.lin.bias.abs() + 1.0)
+        return {"root": torch.sqrt(shifted).mean() * 1e-3}
+
+
+def test_weights_refused_at_a_checkpoint_before_the_flush_record_the_losss_first_step(
+        tmp_path):
+    """Step 7's NaN makes the weights NaN; the checkpoint at step 9 refuses them before
+    the flush of step 10 names the loss: the record is still step 7's, from step 6."""
+    with pytest.raises(NonFiniteLossError) as caught:
+        run(tmp_path, RootOfFeature, log_every=10).fit()
+    assert "'root' first at step 7" in str(caught.value)
+    assert "To replay step 7 from checkpoint" in str(caught.value)
+    record = json.loads((tmp_path / "nonfinite" / "failure.json").read_text())
+    assert record["step"] == 7 and record["losses"] == ["mse", "root"]  # mse from step 8
+    assert record["checkpoint"].endswith("step-000000006.pt")
+
+
+class Saver(__import__("lossless_trainer").Hook):
+    def after_step(self, trainer):
+        trainer.save_checkpoint(os.path.join(trainer.checkpoint_dir, "extra.pt"))
+
+
+def test_a_replay_from_the_start_leaves_the_later_checkpoints_and_writes_none(
+        tmp_path, monkeypatch):
+    """The NaN of step 1 is found at the flush of step 5, after the checkpoint of step
+    3: the replay starts fresh beside it, and a hook's save writes nothing."""
+    def first_bad(**options):
+        torch.manual_seed(0)
+        return Trainer(LogOfFeature(), batches(bad=1), log_dir=str(tmp_path), progress=False,
+                       seed=1, checkpoint_every=3, log_every=5, **options)
+
+    with pytest.raises(NonFiniteLossError, match="To replay step 1 from the start"):
+        first_bad().fit()
+    before = snapshot(tmp_path)
+    monkeypatch.setenv(REPLAY, "1")
+    trainer = first_bad(callbacks=[Saver()])
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 1"):
+        trainer.fit()
+    assert trainer.resumed_from is None and snapshot(tmp_path) == before
+
+
+def test_replaying_a_step_checked_run_writes_the_report_of_the_replay(tmp_path, monkeypatch):
+    with pytest.raises(NonFiniteLossError):
+        run(tmp_path, finite_check="step").fit()
+    (tmp_path / "nonfinite" / "step-7" / "report.json").unlink()
+    monkeypatch.setenv(REPLAY, "1")
+    with pytest.raises(NonFiniteLossError, match="The report of the replay, with the step's "
+                                                 "batches and the operation that produced "
+                                                 "it, is .*step-7.report.json"):
+        run(tmp_path, finite_check="step").fit()
+    report = json.loads((tmp_path / "nonfinite" / "step-7" / "report.json").read_text())
+    assert report["first_operation"]["operation"] == "log"
+
+
+class MaskedLog(LogOfFeature):
+    """`LogOfFeature` that also builds an attention-like mask of -inf, which is meant:
+    the first operation named is still the log."""
+
+    def extra(self, x):
+        mask = torch.full((4,), float("-inf"))
+        mask[0] = 0.0
+        weights = torch.softmax(mask + self.lin.weight[0], dim=0)
+        return {**super().extra(x), "mix": 1e-3 * weights.sum()}
+
+
+def test_a_mask_of_minus_infinity_is_not_taken_for_the_failure(tmp_path, monkeypatch):
+    with pytest.raises(NonFiniteLossError):
+        run(tmp_path, MaskedLog).fit()
+    monkeypatch.setenv(REPLAY, "1")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 7"):
+        run(tmp_path, MaskedLog).fit()
+    report = json.loads((tmp_path / "nonfinite" / "step-7" / "report.json").read_text())
+    assert report["first_operation"]["operation"] == "log"
+
+
+def test_the_poisoned_sample_example_fails_then_its_replay_finds_the_blank_image(tmp_path):
+    """examples/nan_replay.py, as docs/nonfinite.md walks through it."""
+    import subprocess
+
+    script = HERE.parent.parent / "examples" / "nan_replay.py"
+
+    def example(**env):
+        return subprocess.run([sys.executable, str(script), "--log-dir", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=240, check=False,
+                              env={**os.environ, **env})
+
+    failed = example()
+    assert failed.returncode != 0
+    assert "'ce' first at step 26 (detected at the flush of step 30)" in failed.stderr
+    command = [sys.executable, str(script), "--log-dir", str(tmp_path / "run")]
+    assert failed.stderr.rstrip().endswith(f"{REPLAY}=1 {shlex.join(command)}")
+    replayed = example(**{REPLAY: "1"})
+    assert replayed.returncode != 0
+    assert "[lossless_trainer] replay: step 26, rank 0, micro-batch 0: non-finite loss (ce)" \
+        in replayed.stdout
+    where = tmp_path / "run" / "nonfinite" / "step-26"
+    report = json.loads((where / "report.json").read_text())
+    assert report["first_operation"]["operation"] == "div"
+    assert report["first_operation"]["where"][-1].endswith("# here: 0 / 0 for a blank image")
+    images, _ = torch.load(where / "batch-r0-m0.pt", weights_only=True)
+    assert (images.abs().sum(1) == 0).nonzero().flatten().tolist() == [30]
