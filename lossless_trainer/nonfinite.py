@@ -368,8 +368,10 @@ def write_report(trainer: TrainerView, step: int,
             files.append(f"batch-r{dist.rank}-m{i}.pt")
             torch.save(_to_cpu(args[0] if len(args) == 1 else list(args)),
                        os.path.join(where, files[-1]))
+        together = _search_together(trainer, found, calls) if _needs_every_rank(trainer) \
+            else None
         if found is not None:
-            part = _part(trainer, step, found, calls, files)
+            part = _part(trainer, step, found, calls, files, together)
     except Exception as error:  # the report must not hide the error it reports
         part = {"rank": dist.rank, "error": f"{type(error).__name__}: {error}"}
     gathered = dist.all_gather(part) if dist.enabled else [part]
@@ -413,17 +415,46 @@ def summary(path: str) -> str:
     return "\n".join(lines)
 
 
+def _needs_every_rank(trainer: TrainerView) -> bool:
+    """Whether running a micro-batch again takes every rank (FSDP's all-gathers,
+    SyncBatchNorm's statistics), so all must search at once."""
+    return trainer.dist.enabled and (trainer.dist.strategy == "fsdp" or any(
+        isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()))
+
+
+def _search_together(trainer: TrainerView, found: tuple[str, Sequence[str], int | None] | None,
+                     calls: Sequence[Call]) -> tuple[int, dict[str, Any]] | None:
+    """Every rank runs the same micro-batch again at once (its own), the failing rank's
+    (for a gradient, each in turn until a rank finds the operation); returns this rank's
+    micro-batch and finding. None when the ranks cannot agree any more, or nothing to
+    search."""
+    dist = trainer.dist
+    wanted = dist.all_gather(None if found is None or found[0] == "weights" or not calls
+                             else found[2] if found[2] is not None else -1)
+    if len(wanted) < dist.world_size or all(w is None for w in wanted):
+        return None
+    first = next(w for w in wanted if w is not None)
+    for index in [first] if first >= 0 else range(len(calls)):
+        args, kwargs, rng, _ = calls[index]
+        operation = first_nonfinite_operation(trainer.model, args, kwargs, rng,
+                                              trainer.precision.autocast)
+        if first >= 0 or dist.any(operation["phase"] is not None):
+            return index, operation
+    return None
+
+
 def _part(trainer: TrainerView, step: int, found: tuple[str, Sequence[str], int | None],
-          calls: Sequence[Call], files: list[str]) -> dict[str, Any]:
-    """This rank's part of the report."""
+          calls: Sequence[Call], files: list[str],
+          together: tuple[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """This rank's part of the report (`together`: the micro-batch and the operation all
+    ranks searched at once)."""
     what, names, index = found
     operation = None
     if what != "weights" and calls:
-        if trainer.dist.strategy == "fsdp" or any(
-                isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules()):
-            operation = {"phase": None, "operation": None, "where": "not searched: under "
-                         "FSDP or with SyncBatchNorm, running one rank's micro-batch again "
-                         "needs every rank"}
+        if _needs_every_rank(trainer):
+            index, operation = together if together is not None else (index, {
+                "phase": None, "operation": None,
+                "where": "not searched: the ranks could not run it again together"})
         else:  # a gradient: the first micro-batch whose backward makes one
             for i in ([index] if index is not None else range(len(calls))):
                 args, kwargs, rng, _ = calls[i]

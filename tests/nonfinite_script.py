@@ -5,7 +5,8 @@ test_nonfinite.py: first as it fails, then with LOSSLESS_TRAINER_REPLAY=1.
 
 Rank 1's 5th batch holds a feature below -10, which makes the loss ``log`` NaN at step
 5 on that rank only (`LogOfFeature`). Checkpoints every 2 steps, a flush every 4.
-Each rank writes the error it raised to ``LOG_DIR/../error-r<rank>.txt``.
+Each rank writes the error it raised to ``LOG_DIR/../error-r<rank>.txt``. ``STRATEGY``:
+the Trainer's strategy (default: auto, DDP).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main() -> None:
         data.append((x, x.sum(1, keepdim=True)))
     torch.manual_seed(0)
     trainer = Trainer(LogOfFeature(), data, log_dir=str(log_dir), progress=False, seed=1,
-                      checkpoint_every=2, log_every=4)
+                      checkpoint_every=2, log_every=4,
+                      strategy=os.environ.get("STRATEGY", "auto"))
     try:
         trainer.fit()
     except Exception as error:

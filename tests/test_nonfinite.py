@@ -304,8 +304,10 @@ def test_compile_replays_with_the_eager_model(tmp_path, monkeypatch):
     assert report["first_operation"]["where"][-1].endswith("# NaN HERE")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_under_torchrun_each_rank_saves_its_batch_and_the_report_names_the_failing_rank(
-        tmp_path):
+        tmp_path, strategy):
+    """Under FSDP every rank runs the micro-batch again at once, for the all-gathers."""
     import subprocess
 
     def torchrun(**env):
@@ -313,7 +315,8 @@ def test_under_torchrun_each_rank_saves_its_batch_and_the_report_names_the_faili
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
              "--nproc_per_node=2", str(HERE.parent / "nonfinite_script.py"),
              str(tmp_path / "run")], capture_output=True, text=True, timeout=240,
-            check=False, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+            check=False, env={**os.environ, "OMP_NUM_THREADS": "1", "STRATEGY": strategy,
+                              **env})
 
     failed = torchrun()
     assert failed.returncode != 0
@@ -323,7 +326,8 @@ def test_under_torchrun_each_rank_saves_its_batch_and_the_report_names_the_faili
     assert error.splitlines()[-1].endswith(f"nonfinite_script.py {tmp_path / 'run'}")
     record = json.loads((tmp_path / "run" / "nonfinite" / "failure.json").read_text())
     assert record["step"] == 5 and record["ranks"] == [1]
-    assert record["checkpoint"].endswith("step-000000004.pt")
+    assert record["checkpoint"].endswith(  # under FSDP a sharded checkpoint: a directory
+        "step-000000004" + (".pt" if strategy == "ddp" else ""))
     replayed = torchrun(**{REPLAY: "1"})
     assert replayed.returncode != 0
     where = tmp_path / "run" / "nonfinite" / "step-5"
