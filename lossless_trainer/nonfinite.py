@@ -15,8 +15,8 @@ and the report that names its batch and the operation (#27).
 - With ``finite_check="step"`` the batch is at hand when the error is raised, and the
   report is written at once.
 
-Nothing here runs while nothing fails: outside a replay `FailureHook` only has
-``on_exception``.
+Nothing here runs while nothing fails: outside a replay `FailureHook` has no hook
+method, only `settle`, which `TrainerBase` calls as `fit` ends.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def replay_from_env(log_dir: str | os.PathLike[str] | None) -> Replay | None:
 
 def nonfinite_hook(replay: Replay | None, named_for_it: bool = False) -> Hook:
     """The hook of this module a run has: a replay's checks, or else the record of a
-    failure (only ``on_exception``: nothing while nothing fails). `named_for_it`: the
+    failure (`settle` only: nothing while nothing fails). `named_for_it`: the
     run directory was chosen for the run (no `log_dir`), so the replay command names
     it."""
     return FailureHook(named_for_it) if replay is None else ReplayHook(replay)

@@ -53,7 +53,7 @@ class Priority:
 
     The built-in hooks depend on this order, and so may yours:
 
-    0. (10) the record of a non-finite failure (``on_exception`` only) or, in a replay,
+    0. (10) the record of a non-finite failure (no hook method) or, in a replay,
        the check of every step (nonfinite.py): before anything reads the step.
     1. `DEFAULT` (50): your hooks. They run before every built-in hook, so what they
        write with `write_summary` in `after_step` lands in the flush of the same step.
