@@ -454,11 +454,7 @@ class Distributed:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank (synchronous)."""
-        if not self.collectives_ok:
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group())
-        return bool(value.item())
+        return bool(self.any_bits(int(flag), 1))
 
     def any_bits(self, mask: int, bits: int) -> int:
         """For each of the low `bits` bits of `mask`, whether it is set on any rank

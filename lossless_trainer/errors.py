@@ -72,6 +72,13 @@ def first_cause(exc: BaseException, later: list[BaseException]) -> BaseException
         cause.add_note("[lossless_trainer] raised instead of the later failure it led "
                        f"to: {type(exc).__name__}: {exc}")
     replay = getattr(exc, "replay", None)  # found NaN weights first: how to replay them
-    if replay and not cause.replay and cause.args and isinstance(cause.args[0], str):
-        cause.args, cause.replay = (f"{cause.args[0]}\n{replay}", *cause.args[1:]), replay
+    if replay and not cause.replay:
+        extend_message(cause, replay)
+        cause.replay = replay
     return cause
+
+
+def extend_message(exc: BaseException, text: str) -> None:
+    """Append `text`, on a line of its own, to the error's message (its first argument)."""
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{text}", *exc.args[1:])

@@ -36,11 +36,12 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checkpoint import checkpoint_step, list_checkpoints
+from .checkpoint import checkpoint_step, list_checkpoints, write_atomic
 from .data import move_to_device
-from .errors import NonFiniteLossError, first_cause
+from .errors import NonFiniteLossError, extend_message, first_cause
 from .hooks import Hook
 from .means import Mean
+from .resume import capture_rng, restore_rng
 from .state import TrainerView, logger
 
 __all__ = ["REPLAY", "Failure", "FailureHook", "Replay", "ReplayHook",
@@ -187,7 +188,7 @@ class FailureHook(Hook):
             + " from " + (f"checkpoint {failure.checkpoint}" if failure.checkpoint
                           else "the start")
             + f" and save its batch and the operation that failed: {command}")
-        _extend(exc, exc.replay)
+        extend_message(exc, exc.replay)
 
 
 def _settled(trainer: Any, exc: BaseException | None,
@@ -223,12 +224,6 @@ def _parent_command() -> list[str] | None:
     return parts or None
 
 
-def _extend(exc: BaseException, text: str) -> None:
-    """Append `text` to the error's message (its first argument)."""
-    if exc.args and isinstance(exc.args[0], str):
-        exc.args = (f"{exc.args[0]}\n{text}", *exc.args[1:])
-
-
 # -- the replay ---------------------------------------------------------------------------
 
 
@@ -254,7 +249,7 @@ class ReplayHook(Hook):
         original = getattr(trainer, "compute_losses")  # noqa: B009 - not on TrainerView
 
         def recorded(*args: Any, **kwargs: Any) -> Any:
-            rng = _rng_state()
+            rng = capture_rng()
             losses = original(*args, **kwargs)
             self.calls.append((args, kwargs, rng, losses))
             return losses
@@ -333,7 +328,7 @@ class ReplayHook(Hook):
             report = write_report(trainer, min(error.first_steps.values()), found, self.calls)
             if report:
                 print(summary(report), flush=True)
-                _extend(error, f"The report of the replay, with the step's batches and the "
+                extend_message(error, f"The report of the replay, with the step's batches and the "
                                f"operation that produced it, is {report}")
         return error
 
@@ -531,11 +526,11 @@ def first_nonfinite_operation(model: torch.nn.Module, args: tuple[Any, ...],
     `torch.autograd.detect_anomaly`; return the first operation that produced a NaN or
     Inf from finite inputs and where in the model's code it ran (the forward call of a
     backward function), or what prevented finding one."""
-    saved = _rng_state()
+    saved = capture_rng()
     compiled = getattr(model, "_compiled_call_impl", None)
     try:
         if rng is not None:
-            _set_rng_state(rng)
+            restore_rng(rng)
         model._compiled_call_impl = None  # type: ignore[assignment] # the eager model
         if not _all_finite(args):
             return {"phase": "input", "operation": None,
@@ -552,7 +547,7 @@ def first_nonfinite_operation(model: torch.nn.Module, args: tuple[Any, ...],
         if watch.found is not None:
             return {"phase": "forward", **watch.found}
         if rng is not None:
-            _set_rng_state(rng)  # the same forward again, for the backward
+            restore_rng(rng)  # the same forward again, for the backward
         return _backward_operation(run, [p for p in model.parameters() if p.requires_grad])
     except Exception as error:  # a model that cannot run twice, say: the report says so
         return {"phase": None, "operation": None,
@@ -560,7 +555,7 @@ def first_nonfinite_operation(model: torch.nn.Module, args: tuple[Any, ...],
                          f"{error}"}
     finally:
         model._compiled_call_impl = compiled  # type: ignore[assignment]
-        _set_rng_state(saved)
+        restore_rng(saved)
 
 
 def _backward_operation(run: Callable[[], Any], params: list[torch.nn.Parameter]
@@ -676,22 +671,5 @@ def _to_cpu(batch: Any) -> Any:
     return batch
 
 
-def _rng_state() -> Any:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() \
-        and torch.cuda.is_initialized() else None
-    return torch.random.get_rng_state(), cuda
-
-
-def _set_rng_state(state: Any) -> None:
-    cpu, cuda = state
-    torch.random.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def _write_json(path: str, value: Any) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(temporary, path)
+    write_atomic(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))

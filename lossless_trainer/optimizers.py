@@ -375,8 +375,7 @@ def _build(name: str, entry: Any, model: nn.Module) -> torch.optim.Optimizer:
             raise TypeError(f"the factory of optimizer {name!r} returned "
                             f"{type(built).__name__}, not a torch.optim.Optimizer")
         entry = built
-    own = {id(p) for p in model.parameters()}
-    foreign = sum(id(p) not in own for group in entry.param_groups for p in group["params"])
+    foreign = _foreign(entry, model)
     if foreign:
         raise ValueError(f"optimizer {name!r} holds {foreign} tensor(s) that are not "
                          f"parameters of {type(model).__name__}: {_FACTORY_HINT}")
@@ -424,9 +423,7 @@ def build_optimizer(optimizer: Any, model: nn.Module) -> torch.optim.Optimizer:
                 "torch.optim.Optimizer"
             )
         return built
-    model_params = {id(p) for p in model.parameters()}
-    foreign = sum(id(p) not in model_params
-                  for group in optimizer.param_groups for p in group["params"])
+    foreign = _foreign(optimizer, model)
     if foreign:
         raise ValueError(
             f"the optimizer holds {foreign} tensor(s) that are not parameters of "
@@ -461,3 +458,9 @@ def build_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> LRSched
         raise ValueError("lr_scheduler schedules a different optimizer than the Trainer's; "
                          "pass a factory (lambda opt: ...) so it is built on the right one")
     return scheduler
+
+
+def _foreign(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """How many of `optimizer`'s tensors are not parameters of `model`."""
+    own = {id(p) for p in model.parameters()}
+    return sum(id(p) not in own for group in optimizer.param_groups for p in group["params"])
